@@ -1,0 +1,158 @@
+"""The BRQ checkpoint format, version 1: config keys and per-linear tensors.
+
+Both halves of the product read this module: brq-convert writes what ``build_config`` and
+``linear_tensor_specs`` describe; the vLLM plugin validates with ``parse_config`` and
+``check_linear_tensors`` before serving starts. See README.md, "Checkpoint format".
+
+config.json gains::
+
+    "quantization_config": {
+      "quant_method": "brq", "format_version": 1,
+      "weight_format": "mxfp4", "activation_format": "mxfp4" | "none", "group_size": 32,
+      "rotation": {"kind": ..., "block_size": 32, "seed": 0, "r1": bool, "r2": bool, "r4": bool},
+      "quantizer": {"method": "gptq" | "rtn" | "none", ...settings, "calibration": {...}},
+      "ignore": ["lm_head"], "converter": "vllm-brq <version>"}
+
+Per quantized linear P:
+    P.weight_packed   uint8   [out, in/2]     two E2M1 codes per byte (low nibble first)
+    P.weight_scale    uint8   [out, in/32]    E8M0 exponents (+127)
+    P.input_rotation  float32 [b, b] | [in/b, b, b]   optional online x -> x @ R
+    P.bias            source dtype [out]      if the source linear had one
+With quantizer "none" the linears keep their (rotated) ``P.weight`` in the source dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_brq import mxfp4
+
+QUANT_METHOD = "brq"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+WEIGHT_FORMATS = ("mxfp4",)
+ACTIVATION_FORMATS = ("mxfp4", "none")
+ROTATION_KINDS = ("block_hadamard", "global_hadamard", "outlier_aware", "none")
+QUANTIZERS = ("gptq", "rtn", "none")
+GROUP_SIZE = mxfp4.BLOCK
+
+WEIGHT_PACKED = "weight_packed"
+WEIGHT_SCALE = "weight_scale"
+INPUT_ROTATION = "input_rotation"
+
+
+class FormatError(ValueError):
+    """A checkpoint that does not follow the BRQ format; the message names the key or tensor."""
+
+
+@dataclass(frozen=True)
+class BRQConfig:
+    """The parsed ``quantization_config`` of a BRQ checkpoint."""
+
+    format_version: int
+    weight_format: str
+    activation_format: str
+    group_size: int
+    rotation: dict[str, Any]
+    quantizer: dict[str, Any]
+    ignore: tuple[str, ...] = ("lm_head",)
+    converter: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def weights_quantized(self) -> bool:
+        return self.quantizer.get("method") != "none"
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.activation_format == "mxfp4"
+
+
+def _need(cfg: dict, key: str, where: str = "quantization_config"):
+    if key not in cfg:
+        raise FormatError(f"{where} has no {key!r} key")
+    return cfg[key]
+
+
+def _one_of(value, allowed, key: str):
+    if value not in allowed:
+        raise FormatError(f"quantization_config.{key} = {value!r} is not supported; expected one of {list(allowed)}")
+    return value
+
+
+def parse_config(cfg: dict[str, Any]) -> BRQConfig:
+    """Validate a ``quantization_config`` dict; raise FormatError naming the bad key."""
+    method = _need(cfg, "quant_method")
+    if method != QUANT_METHOD:
+        raise FormatError(f"quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}")
+    version = _need(cfg, "format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise FormatError(
+            f"quantization_config.format_version = {version!r} is unknown to this vllm-brq "
+            f"(supports {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade vllm-brq or re-convert"
+        )
+    weight_format = _one_of(_need(cfg, "weight_format"), WEIGHT_FORMATS, "weight_format")
+    act = _one_of(_need(cfg, "activation_format"), ACTIVATION_FORMATS, "activation_format")
+    group = _need(cfg, "group_size")
+    if group != GROUP_SIZE:
+        raise FormatError(f"quantization_config.group_size = {group!r}; MXFP4 uses {GROUP_SIZE}")
+    rotation = dict(_need(cfg, "rotation"))
+    _one_of(_need(rotation, "kind", "quantization_config.rotation"), ROTATION_KINDS, "rotation.kind")
+    block = _need(rotation, "block_size", "quantization_config.rotation")
+    if not isinstance(block, int) or block < 1:
+        raise FormatError(f"quantization_config.rotation.block_size = {block!r} is not a positive integer")
+    quantizer = dict(_need(cfg, "quantizer"))
+    _one_of(_need(quantizer, "method", "quantization_config.quantizer"), QUANTIZERS, "quantizer.method")
+    return BRQConfig(
+        format_version=version, weight_format=weight_format, activation_format=act,
+        group_size=group, rotation=rotation, quantizer=quantizer,
+        ignore=tuple(cfg.get("ignore", ["lm_head"])), converter=str(cfg.get("converter", "")), raw=dict(cfg),
+    )
+
+
+def build_config(*, activation_format: str, rotation: dict[str, Any], quantizer: dict[str, Any],
+                 converter: str, ignore: tuple[str, ...] = ("lm_head",)) -> dict[str, Any]:
+    """The ``quantization_config`` dict a converter writes (validated before returning)."""
+    cfg = {
+        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+        "weight_format": "mxfp4", "activation_format": activation_format, "group_size": GROUP_SIZE,
+        "rotation": rotation, "quantizer": quantizer, "ignore": list(ignore), "converter": converter,
+    }
+    parse_config(cfg)
+    return cfg
+
+
+def linear_tensor_specs(out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Expected (shape, dtype name) of the packed weight tensors of one quantized linear."""
+    if in_features % GROUP_SIZE:
+        raise FormatError(f"input dimension {in_features} is not divisible by the MXFP4 block size {GROUP_SIZE}")
+    return {
+        WEIGHT_PACKED: ((out_features, in_features // 2), "uint8"),
+        WEIGHT_SCALE: ((out_features, in_features // GROUP_SIZE), "uint8"),
+    }
+
+
+def check_rotation_shape(name: str, shape: tuple[int, ...], in_features: int) -> int:
+    """Validate an ``input_rotation`` shape for a linear with ``in_features`` inputs; return b."""
+    if len(shape) == 2 and shape[0] == shape[1] and in_features % shape[0] == 0:
+        return shape[0]
+    if len(shape) == 3 and shape[1] == shape[2] and shape[0] * shape[1] == in_features:
+        return shape[1]
+    raise FormatError(
+        f"{name}.{INPUT_ROTATION} has shape {list(shape)}; expected [b, b] or [{in_features}/b, b, b]"
+    )
+
+
+def check_linear_tensors(name: str, tensors: dict[str, Any], out_features: int, in_features: int) -> None:
+    """Check the packed tensors of one linear (anything with .shape and .dtype)."""
+    for key, (shape, dtype) in linear_tensor_specs(out_features, in_features).items():
+        if key not in tensors:
+            raise FormatError(f"checkpoint is missing tensor {name}.{key}")
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise FormatError(f"tensor {name}.{key} has shape {list(t.shape)}, expected {list(shape)}")
+        if str(t.dtype).replace("torch.", "") != dtype:
+            raise FormatError(f"tensor {name}.{key} has dtype {t.dtype}, expected {dtype}")
+    if INPUT_ROTATION in tensors:
+        check_rotation_shape(name, tuple(tensors[INPUT_ROTATION].shape), in_features)
