@@ -40,10 +40,14 @@ def random_signs(n: int, seed: int, stream: str) -> torch.Tensor:
     return (1 - 2 * bits).to(torch.float64)
 
 
-def block_rotation(dim: int, block: int, seed: int, stream: str) -> torch.Tensor:
-    """Block-diagonal randomized Hadamard [dim/block, block, block] (float64)."""
+def block_rotation(dim: int, block: int, seed: int, stream: str, shared: bool = False) -> torch.Tensor:
+    """Block-diagonal randomized Hadamard [dim/block, block, block] (float64), or with
+    ``shared`` one block [block, block] used for every block (cheapest online: one 32x32
+    matrix for a kernel to hold)."""
     if dim % block:
         raise ValueError(f"dimension {dim} is not divisible by the rotation block size {block}")
+    if shared:
+        return random_signs(block, seed, stream).unsqueeze(1) * hadamard(block)
     d = random_signs(dim, seed, stream).view(dim // block, block, 1)
     return d * hadamard(block)  # row i of block j scaled by its sign: diag(D_j) H
 
@@ -58,12 +62,13 @@ def global_rotation(dim: int, seed: int, stream: str) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def make_rotation(kind: str, dim: int, block: int, seed: int, stream: str) -> torch.Tensor | None:
+def make_rotation(kind: str, dim: int, block: int, seed: int, stream: str,
+                  shared: bool = False) -> torch.Tensor | None:
     """The rotation of one position ('block_hadamard', 'global_hadamard' or 'none')."""
     if kind == "none":
         return None
     if kind == "block_hadamard":
-        return block_rotation(dim, block, seed, stream)
+        return block_rotation(dim, block, seed, stream, shared)
     if kind == "global_hadamard":
         return global_rotation(dim, seed, stream)
     raise ValueError(f"unknown rotation kind {kind!r}; expected one of {KINDS}")
