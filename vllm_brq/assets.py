@@ -86,7 +86,11 @@ def _austen_package_dir(workdir: Path) -> Path:
     installed = Path("/usr/lib/R/site-library/janeaustenr")
     if (installed / "data" / "Rdata.rdx").exists():
         return installed
-    subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=workdir, check=True, capture_output=True)
+    try:
+        subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=workdir, check=True, capture_output=True)
+    except subprocess.CalledProcessError:  # a fresh machine has no package lists yet
+        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+        subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=workdir, check=True, capture_output=True)
     deb = next(workdir.glob(f"{AUSTEN_DEB}_*.deb"))
     root = workdir / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
