@@ -12,12 +12,15 @@ becomes (and is exec'd, replacing this process, so signals reach vLLM directly)
 - MODEL is the first positional argument (before any pass-through one), or `--model PATH`, or the environment's BRQ_MODEL.
 - --host / --port default to BRQ_HOST (0.0.0.0) and BRQ_PORT (8000).
 - Everything else is passed to `vllm serve` unchanged (e.g. --tensor-parallel-size 8,
-  --max-model-len 8192, --enforce-eager, --served-model-name NAME).
+  --max-model-len 8192, --enforce-eager, --served-model-name NAME), followed by the
+  shell-split words of BRQ_EXTRA_ARGS (handy in Compose .env files).
 - API key: vLLM reads VLLM_API_KEY from the environment itself, so the key is kept there
   and never put on the command line (where `ps` and /proc/PID/cmdline would show it).
   VLLM_API_KEY_FILE (or --api-key-file) names a file holding the key (a Kubernetes or
   Compose secret mounted as a file); it is read into VLLM_API_KEY before the exec.
 - --print (alias --dry-run) prints the command and the API-key source and exits.
+- --healthcheck asks http://127.0.0.1:PORT/health of a running server (exit 0 when it
+  answers 200): the HEALTHCHECK of the images and Compose, with no curl needed.
 - BRQ_VLLM_CMD overrides the launcher (default "vllm"), e.g. "python3 -m vllm.entrypoints.cli.main".
 """
 
@@ -45,8 +48,10 @@ Serve a BRQ checkpoint (from brq-convert) with vLLM: runs
   --api-key-file F    read the API key from file F (env VLLM_API_KEY_FILE); the key is
                       handed to vLLM as env VLLM_API_KEY, never on the command line
   --print, --dry-run  print the command instead of running it
+  --healthcheck       exit 0 if the server on 127.0.0.1:PORT answers /health, else 1
   -h, --help          this help
-Any other argument is passed to `vllm serve` as is (see `vllm serve --help`).
+Any other argument is passed to `vllm serve` as is (see `vllm serve --help`), then the
+words of env BRQ_EXTRA_ARGS.
 """
 
 
@@ -71,19 +76,24 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> dict:
     port = env.get("BRQ_PORT") or str(DEFAULT_PORT)
     key_file = env.get("VLLM_API_KEY_FILE") or None
     dry = False
+    health = False
     extra: list[str] = []
     args = list(argv)
+    n_cli = len(args)
+    args += shlex.split(env.get("BRQ_EXTRA_ARGS") or "")
     i = 0
     while i < len(args):
         a = args[i]
         name = a.split("=", 1)[0]
-        if model is None and not extra and not a.startswith("-"):
+        if model is None and not extra and i < n_cli and not a.startswith("-"):
             # MODEL: the first positional, before any pass-through argument
             model, i = a, i + 1
         elif a in ("-h", "--help"):
             return {"help": True}
         elif a in ("--print", "--dry-run"):
             dry, i = True, i + 1
+        elif a == "--healthcheck":
+            health, i = True, i + 1
         elif name == "--model":
             model, i = _take_value(args, i, name)
         elif name == "--host":
@@ -101,11 +111,13 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> dict:
             extra.append(a)
             i += 1
     model = model or env.get("BRQ_MODEL")
-    if not model:
-        raise UsageError("no MODEL: give it as the first argument, --model, or env BRQ_MODEL")
     if not str(port).isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"bad port {port!r}")
-    return {"help": False, "model": model, "host": host, "port": int(port), "key_file": key_file,
+    if health:
+        return {"help": False, "health": True, "port": int(port)}
+    if not model:
+        raise UsageError("no MODEL: give it as the first argument, --model, or env BRQ_MODEL")
+    return {"help": False, "health": False, "model": model, "host": host, "port": int(port), "key_file": key_file,
             "dry": dry, "extra": extra}
 
 
@@ -136,6 +148,16 @@ def check_checkpoint(model: str) -> str | None:
     return None
 
 
+def healthcheck(port: int, timeout: float = 5.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -146,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts["help"]:
         print(USAGE)
         return 0
+    if opts["health"]:
+        return 0 if healthcheck(opts["port"]) else 1
     env = dict(os.environ)
     key_source = "VLLM_API_KEY" if env.get("VLLM_API_KEY") else None
     if opts["key_file"]:
