@@ -1,0 +1,114 @@
+"""RMSNorm fusion and rotation folding: the exact (unquantized) part of the conversion.
+
+RMSNorm commutes with an orthogonal R only when its weight is all ones, so each norm
+weight g is first folded into the linears that read it (W <- W diag(g)) and set to 1.
+Then, with x -> x R applied per block:
+- R1 (hidden): embed <- E R1; q,k,v,gate,up <- W R1; o,down <- R1^T W (and their biases
+  b R1); lm_head <- W R1. The residual stream then carries x R1 everywhere.
+- R2 (per head): v <- R2^T W (rows of each head, and the v bias), o <- W R2 (columns of
+  each head). One R2 for all heads, as grouped-query attention shares v heads.
+- R4 (MLP intermediate): down <- W R4 offline; the online x R4 is ``input_rotation``.
+All arithmetic is float64, rounded once to the source dtype, so --quantizer none
+reproduces the original model up to that rounding.
+
+Tied embeddings: the final norm weight must go into lm_head, which then differs from the
+embedding. When that weight is not all ones, lm_head is untied (written as its own tensor,
+``tie_word_embeddings: false``); otherwise embeddings stay tied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vllm_brq.rotation import make_rotation, rotate, rotate_weight_input, rotate_weight_output
+
+from .architectures import Dims, sub
+
+KIND_NAMES = {"block": "block_hadamard", "global": "global_hadamard", "none": "none"}
+
+
+@dataclass
+class Rotations:
+    """The compact rotations of one conversion (None where disabled)."""
+
+    r1: torch.Tensor | None
+    r2: torch.Tensor | None
+    r4: torch.Tensor | None
+
+
+def build_rotations(kind: str, d: Dims, block: int, seed: int, r1: bool, r2: bool, r4: bool) -> Rotations:
+    """R1 and R2 are folded offline (one block per position); R4 is applied online, so a
+    block rotation is one shared [b, b] matrix. One R of each kind serves every layer."""
+    k = KIND_NAMES[kind]
+    return Rotations(
+        r1=make_rotation(k, d.hidden, block, seed, "r1") if r1 else None,
+        r2=make_rotation(k, d.head_dim, block, seed, "r2") if r2 else None,
+        r4=make_rotation(k, d.intermediate, block, seed, "r4", shared=True) if r4 else None,
+    )
+
+
+def per_head(r: torch.Tensor, head_dim: int, heads: int) -> torch.Tensor:
+    """Tile a head_dim rotation over ``heads`` consecutive heads, in compact form."""
+    if r.dim() == 2 and r.shape[0] == head_dim:  # dense over the head
+        return r.unsqueeze(0).expand(heads, head_dim, head_dim)
+    return r.repeat(heads, 1, 1) if r.dim() == 3 else r
+
+
+def _set(param: nn.Parameter, value: torch.Tensor) -> None:
+    param.data = value.to(param.dtype).contiguous()
+
+
+@torch.no_grad()
+def transform_layer(layer: nn.Module, rot: Rotations, d: Dims) -> None:
+    """Fuse both norms of one decoder layer and fold R1/R2/R4 (weight side) into its linears."""
+    for norm_name, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                               ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+        norm = sub(layer, norm_name)
+        g = norm.weight.double()
+        for name in readers:
+            lin = sub(layer, name)
+            w = lin.weight.double() * g
+            _set(lin.weight, rotate_weight_input(w, rot.r1) if rot.r1 is not None else w)
+        norm.weight.data.fill_(1)
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        lin = sub(layer, name)
+        w = lin.weight.double()
+        if name == "self_attn.o_proj" and rot.r2 is not None:
+            w = rotate_weight_input(w, per_head(rot.r2, d.head_dim, d.heads))
+        if name == "mlp.down_proj" and rot.r4 is not None:
+            w = rotate_weight_input(w, rot.r4)
+        if rot.r1 is not None:
+            w = rotate_weight_output(w, rot.r1)
+            if lin.bias is not None:
+                _set(lin.bias, rotate(lin.bias.double(), rot.r1))
+        _set(lin.weight, w)
+    if rot.r2 is not None:
+        v = sub(layer, "self_attn.v_proj")
+        r2 = per_head(rot.r2, d.head_dim, d.kv_heads)
+        _set(v.weight, rotate_weight_output(v.weight.double(), r2))
+        if v.bias is not None:
+            _set(v.bias, rotate(v.bias.double(), r2))
+
+
+@torch.no_grad()
+def transform_ends(model: nn.Module, rot: Rotations) -> bool:
+    """Embedding and lm_head (with the final norm fused). Returns whether lm_head was
+    untied from the embedding."""
+    emb = model.model.embed_tokens.weight
+    head = model.lm_head.weight
+    norm = model.model.norm
+    tied = head is emb or head.data_ptr() == emb.data_ptr()
+    g = norm.weight.double()
+    untie = tied and not bool(torch.all(norm.weight == 1))
+    h = head.double() * g
+    if rot.r1 is not None:
+        h = rotate_weight_input(h, rot.r1)
+        _set(emb, rotate(emb.double(), rot.r1))
+    if untie or not tied:
+        model.lm_head.weight = nn.Parameter(h.to(head.dtype).contiguous(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    norm.weight.data.fill_(1)
+    return untie

@@ -1,0 +1,107 @@
+"""GPTQ onto the MXFP4 grid (Frantar et al. 2022, with MR-GPTQ's static MX groups).
+
+The whole algorithm in one class:
+- Hessian H = X^T X / n accumulated from the linear's inputs (after its online rotation).
+- Static groups: each 32-column group's E8M0 exponent is fixed from the rotated weight
+  *before* GPTQ (optionally searched among e-1, e, e+1 for the lowest H-diagonal-weighted
+  RTN error), so act-order can visit columns in any order without moving scales.
+- Act-order: columns by decreasing H diagonal; relative damping 0.01 * mean(diag H);
+  blocks of 128 columns with the lazy-batch update of the remaining columns.
+Rows are independent given H, so linears that read the same input (q/k/v, gate/up) are
+quantized together as one stacked weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_brq import mxfp4
+
+SEARCH_OFFSETS = (0, -1, 1)  # ties keep the standard exponent
+
+
+class GPTQ:
+    def __init__(self, columns: int, device: torch.device | str = "cpu",
+                 block_size: int = 128, damp: float = 0.01, act_order: bool = True,
+                 scale_search: bool = False):
+        self.h_sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.count = 0
+        self.block_size, self.damp, self.act_order, self.scale_search = block_size, damp, act_order, scale_search
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.h_sum.device, torch.float32)
+        self.h_sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.h_sum / max(self.count, 1)
+
+    def exponents(self, w: torch.Tensor, hdiag: torch.Tensor) -> torch.Tensor:
+        """Per-group exponents [rows, cols/32] of the static groups."""
+        e = mxfp4.block_exponents(w)
+        if not self.scale_search:
+            return e
+        wg = w.unflatten(-1, (-1, mxfp4.BLOCK))
+        hg = hdiag.unflatten(-1, (-1, mxfp4.BLOCK))
+        best_err, best = None, e
+        for off in SEARCH_OFFSETS:
+            cand = (e + off).clamp(-mxfp4.SCALE_BIAS, mxfp4.SCALE_BIAS)
+            s = torch.exp2(cand.float()).unsqueeze(-1)
+            err = ((wg - mxfp4.round_to_e2m1(wg / s) * s) ** 2 * hg).sum(-1)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best = torch.where(better, cand, best)
+                best_err = torch.where(better, err, best_err)
+        return best
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """The quantized weight (float32 values on the MXFP4 grid, same shape)."""
+        w = weight.to(self.h_sum.device, torch.float32).clone()
+        rows, cols = w.shape
+        h = self.hessian.clone()
+        dead = torch.diagonal(h) == 0
+        h[dead, dead] = 1
+        scale = torch.exp2(self.exponents(w, torch.diagonal(h)).float()).repeat_interleave(mxfp4.BLOCK, 1)
+        w[:, dead] = 0
+        if self.act_order:
+            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            w, scale, h = w[:, perm], scale[:, perm], h[perm][:, perm]
+        u = self._inverse_cholesky(h)
+        q = torch.zeros_like(w)
+        for i1 in range(0, cols, self.block_size):
+            i2 = min(i1 + self.block_size, cols)
+            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+            err1 = torch.zeros_like(w1)
+            for j in range(i2 - i1):
+                s = scale[:, i1 + j]
+                qj = mxfp4.round_to_e2m1(w1[:, j] / s) * s
+                q[:, i1 + j] = qj
+                err = (w1[:, j] - qj) / u1[j, j]
+                w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)
+                err1[:, j] = err
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        if self.act_order:
+            q = q[:, torch.argsort(perm)]
+        return q
+
+    def _inverse_cholesky(self, h: torch.Tensor) -> torch.Tensor:
+        """Upper Cholesky factor of H^-1 after damping (damping grows if H is singular)."""
+        damp = self.damp * torch.diagonal(h).mean()
+        eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+        for _ in range(5):
+            l, info = torch.linalg.cholesky_ex(h + damp * eye)
+            if not info:
+                return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+            damp = damp * 10
+        raise RuntimeError("GPTQ: the Hessian stays singular after damping")
+
+    def output_sq_error(self, weight: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, ||X (W - Q)^T||^2 / n and ||X W^T||^2 / n from the Hessian (no data pass)."""
+        h = self.hessian
+        w = weight.to(h.device, torch.float32)
+        d = w - q.to(h.device, torch.float32)
+        return ((d @ h) * d).sum(1), ((w @ h) * w).sum(1)

@@ -1,0 +1,82 @@
+"""Write a converted model: safetensors, config.json, tokenizer/generation files, model card.
+
+Everything is written in a fixed order with sorted keys so the same conversion gives
+byte-identical files (no timestamps, no paths of temporary folders).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .architectures import SUPPORTED
+
+# Files copied unchanged from the source folder (tokenizer, chat template, generation).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+SOURCE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors: contiguous CPU copies; a tied lm_head is not written twice."""
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        tensors[name] = t.detach().to("cpu").contiguous().clone()
+    return dict(sorted(tensors.items()))
+
+
+def write_checkpoint(folder: Path, model: nn.Module, src: Path, qcfg: dict, card: str) -> None:
+    save_file(state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("_name_or_path", None)
+    cfg["quantization_config"] = qcfg
+    cfg["tie_word_embeddings"] = bool(model.config.tie_word_embeddings)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, folder / name)
+    (folder / "README.md").write_text(card)
+
+
+def model_card(source: str, qcfg: dict, command: str, report) -> str:
+    """Model card: what was done, with which settings and data, and how to reproduce it."""
+    from .pipeline import summary_lines
+
+    rot, q = qcfg["rotation"], qcfg["quantizer"]
+    act = "MXFP4 (W4A4)" if qcfg["activation_format"] == "mxfp4" else "none (W4A16)"
+    positions = ", ".join(k.upper() for k in ("r1", "r2", "r4") if rot[k]) or "none"
+    calib = q.get("calibration")
+    lines = [
+        "---", "tags: [mxfp4, brq, vllm]", "---", "",
+        f"# {Path(source).name} — block-rotated MXFP4 (BRQ)", "",
+        f"Converted from `{source}` by {qcfg['converter']} (`brq-convert`).",
+        "Serve it with `vllm serve <this folder> --quantization brq` (the vllm-brq plugin).", "",
+        "## Method", "",
+        "- RMSNorm weights fused into the following linears; rotations folded into the weights "
+        "(R1 hidden, R2 per attention head on v/o, R4 on the down_proj input, applied online as "
+        "`input_rotation`).",
+        f"- Rotation: {rot['kind']}, block size {rot['block_size']}, seed {rot['seed']}, positions: {positions}.",
+        f"- Weights: MXFP4 (E2M1, E8M0 scale per 32 inputs), quantizer: {q['method']}"
+        + (f" (blocks of {q['block_size']} columns, relative damping {q['damp']}, act-order over "
+           f"static groups, scale search {'on' if q['scale_search'] else 'off'})" if q["method"] == "gptq" else "")
+        + ".",
+        f"- Activations: {act}. Embeddings, norms and lm_head stay in the source dtype (rotated).",
+        f"- Architectures supported by the converter: {', '.join(SUPPORTED.values())}.",
+    ]
+    if report.untied_lm_head:
+        lines.append("- The final norm weight is fused into lm_head, so lm_head is stored untied from the embedding.")
+    lines += ["", "## Calibration", ""]
+    lines.append(f"{calib['nsamples']} windows of {calib['seqlen']} tokens from {calib['source']}."
+                 if calib else "None (no calibration data is used by this quantizer).")
+    lines += ["", "## Quantization error (relative, mean over each layer's linears)", "", "```",
+              *summary_lines(report, with_time=False), "```", "",
+              "## Reproduce", "", "```", command, "```", ""]
+    return "\n".join(lines)
