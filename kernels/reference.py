@@ -40,3 +40,44 @@ def brq_linear_reference(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# --- Intermediate formats of the GPU backends (kernels/act_quant.py, kernels/gemm.py) ---
+
+FP8_TOP = 6  # the row's largest block lands on 2^6 (6 * 2^6 = 384 <= 448, the e4m3 max)
+FP8_RANGE = 14  # blocks down to 2^-14 of the row's largest: 0.5 * 2^(6-14) = 2^-9, e4m3's least
+
+
+def fp8_reencode_reference(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 rows (packed [R, K/2], E8M0 [R, K/32]) -> (values [R, K] float32, each exact in
+    FP8 e4m3, and row exponents int32 [R]) with row = values * 2^(E - 6), E the row's largest
+    block exponent. A block with exponent e is stored as E2M1 * 2^(e - E + 6): exact in e4m3
+    when e - E >= -14 (FP8_RANGE); lower blocks are flushed to 0, the only deviation from
+    MXFP4 (the sm90 FP8 GEMM's operand format, for activations and weights alike)."""
+    e = scales.to(torch.int32) - mxfp4.SCALE_BIAS
+    erow = e.amax(-1)
+    d = e - erow.unsqueeze(-1)
+    codes = mxfp4.unpack(packed).to(torch.long)
+    vals = mxfp4.e2m1_table(packed.device)[codes].unflatten(-1, (-1, mxfp4.BLOCK))
+    vals = vals * torch.exp2((d + FP8_TOP).float()).unsqueeze(-1)
+    vals = torch.where((d >= -FP8_RANGE).unsqueeze(-1), vals, torch.zeros_like(vals))
+    return vals.flatten(-2), erow
+
+
+def brq_linear_fp8_reference(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_rotation: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What the sm90 W4A4 GEMM computes: both operands FP8-re-encoded (fp8_reencode_reference),
+    the product in float64, row/column powers of two applied after. Equals
+    brq_linear_reference up to the flushed blocks (and float32 vs float64 summation)."""
+    xa, ea = fp8_reencode_reference(*quantize_activation_reference(x.reshape(-1, x.shape[-1]), input_rotation))
+    wa, ew = fp8_reencode_reference(weight_packed, weight_scale)
+    y = xa.double() @ wa.double().t()
+    y = y * torch.exp2((ea - FP8_TOP).double()).unsqueeze(1) * torch.exp2((ew - FP8_TOP).double()).unsqueeze(0)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -1,0 +1,235 @@
+"""Check and time the BRQ Triton kernels against cuBLAS bf16 and torch FP8 _scaled_mm (GPU).
+
+    python benchmarks/bench_kernels.py [--check-only] [--smollm2 .gpu/smollm2_linears.pt] [--out DIR]
+
+1. Correctness: act-quant codes/scales/FP8 operand vs the torch reference (mismatch counts);
+   GEMMs vs the exact MXFP4 product (brq_linear_reference) on random data with outlier
+   channels (x60) and massive outliers (x500), and on real SmolLM2 linears if given.
+2. Speed, Llama-3-8B linear shapes at M in {1..8192}: every backend timed in the same run
+   as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
+   Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from vllm_brq import mxfp4
+from vllm_brq.kernels import act_quant as aq
+from vllm_brq.kernels import dispatch, gemm
+from vllm_brq.kernels import reference as ref
+from vllm_brq.rotation import block_rotation
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+L2_DEFEAT_BYTES = 256 << 20
+
+
+def outlier_x(M, K, gen, dtype=torch.bfloat16):
+    x = torch.randn(M, K, generator=gen, device="cuda")
+    ch = torch.randperm(K, generator=gen, device="cuda")[: max(1, K // 128)]
+    x[:, ch] *= 60
+    x.view(-1)[torch.randint(0, M * K, (max(1, M * K // 100000),), generator=gen, device="cuda")] *= 500
+    return x.to(dtype)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(log, smollm2_path):
+    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    res = {}
+    for K in (4096, 14336):
+        x = outlier_x(777, K, gen)
+        for rname, r in (("none", None), ("shared", block_rotation(K, 32, 1, "c", shared=True).float()),
+                         ("per_block", block_rotation(K, 32, 1, "c").float())):
+            q0, s0 = ref.quantize_activation_reference(x, r)
+            q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4)
+            f0, e0 = ref.fp8_reencode_reference(q0, s0)
+            f, e = aq.quantize_activation(x, r, aq.MODE_FP8)
+            d = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
+            d0 = mxfp4.dequantize(q0, s0, torch.bfloat16)
+            key = f"act_quant K={K} rot={rname}"
+            res[key] = dict(code_bytes_diff=int((q != q0).sum()), scale_diff=int((s != s0).sum()),
+                            fp8_diff=int((f.float() != f0).sum()), rowexp_diff=int((e != e0).sum()),
+                            dequant_diff=int((d != d0).sum()), elements=x.numel(),
+                            fp8_flushed_blocks=int(((s0.int() - e0[:, None] - 127) < -14).sum()))
+            log(key, res[key])
+    cases = []
+    for name, (N, K) in (("o", (1024, 4096)), ("down", (1024, 14336))):
+        w = torch.randn(N, K, generator=gen, device="cuda") * 0.02
+        wp, ws = mxfp4.quantize(w)
+        r = block_rotation(K, 32, 2, name, shared=True).float()
+        for M in (1, 16, 256, 1000):
+            cases.append((f"random_{name} M={M}", outlier_x(M, K, gen), wp, ws, r))
+    if smollm2_path and Path(smollm2_path).exists():
+        for n, t in torch.load(smollm2_path).items():
+            t = {k: v.cuda() for k, v in t.items()}
+            for M in (1, 512):
+                cases.append((f"smollm2 {n} M={M}", t["x"][:M], t["weight_packed"], t["weight_scale"], t["input_rotation"]))
+    for key, x, wp, ws, r in cases:
+        y0 = ref.brq_linear_reference(x.float(), wp, ws, r, None, True).double()
+        yb = y0.to(torch.bfloat16)
+        xf, xe = aq.quantize_activation(x, r, aq.MODE_FP8)
+        xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
+        row = dict(bf16_rounding_of_exact=rel(yb, y0),
+                   fp8_gemm=rel(gemm.w4a4_fp8(xf, xe, wp, ws), y0),
+                   fp8_reference=rel(ref.brq_linear_fp8_reference(x.float(), wp, ws, r).double(), y0),
+                   w4a16_on_fakequant=rel(gemm.w4a16(xd, wp, ws), y0),
+                   dispatch_w4a4=rel(dispatch.brq_linear(x, wp, ws, r, None, True), y0),
+                   dispatch_w4a16=rel(dispatch.brq_linear(x, wp, ws, r, None, False),
+                                      ref.brq_linear_reference(x.float(), wp, ws, r, None, False).double()))
+        res[key] = row
+        log(key, {k: f"{v:.2e}" for k, v in row.items()})
+    return res
+
+
+def graph_time(fns, reps=10):
+    """Median ms per call of fns (a list cycled once per replay) captured in one CUDA graph."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
+    return 2 * a.numel() / ms / 1e6  # GB/s, read + write
+
+
+def bench(log, only=None):
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_gbs = copy_bandwidth()
+    log("copy bandwidth GB/s", round(copy_gbs))
+    # activation quantization (the down_proj input, with and without the fused R4)
+    for M, K in ((8192, 14336), (8192, 4096), (1, 14336)):
+        x = outlier_x(M, K, gen)
+        r = block_rotation(K, 32, 0, "b", shared=True).float().cuda()
+        c = torch.empty_like(x)
+        base = graph_time([lambda: c.copy_(x)])
+        for mode, mname, obytes in ((aq.MODE_FP8, "fp8", 1.0), (aq.MODE_MXFP4, "mxfp4", 0.5 + 1 / 32),
+                                    (aq.MODE_DEQUANT, "dequant", 2.0)):
+            for rname, rr in (("none", None), ("r32", r)):
+                ms = graph_time([lambda: aq.quantize_activation(x, rr, mode)])
+                gbs = M * K * (2 + obytes) / ms / 1e6
+                rows.append(dict(op=f"act_quant_{mname}_rot_{rname}", M=M, N=0, K=K, backend="triton", ms=ms,
+                                 bf16_ms=None, ratio_vs_bf16=None, copy_ms=base, GBps=gbs,
+                                 frac_of_copy_bw=gbs / copy_gbs))
+                log(rows[-1]["op"], M, K, f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s", f"{gbs / copy_gbs:.2f} of copy")
+    for shape, (N, K) in SHAPES.items():
+        if only and shape not in only:
+            continue
+        w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
+        wp, ws = mxfp4.quantize(w)
+        wb = mxfp4.dequantize(wp, ws, torch.bfloat16)
+        w8 = wb.to(torch.float8_e4m3fn)  # not a faithful encoding; timing only
+        sw8 = torch.ones(1, N, device="cuda")
+        del w
+        r = block_rotation(K, 32, 0, "b", shared=True).float().cuda() if shape == "down" else None
+        for M in MS:
+            x = outlier_x(M, K, gen)
+            packed_bytes = wp.numel() + ws.numel()
+            n4 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (packed_bytes + x.numel() * 2))))
+            n16 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (wb.numel() * 2 + x.numel() * 2))))
+            n8 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (wb.numel() + x.numel()))))
+            wps = [(wp.clone(), ws.clone()) for _ in range(n4)]
+            wbs = [wb.clone() for _ in range(n16)]
+            w8s = [w8.clone() for _ in range(n8)]
+            x8 = x.to(torch.float8_e4m3fn)
+            sx8 = torch.ones(M, 1, device="cuda")
+            bf16_ms = graph_time([lambda wi=wi: torch.matmul(x, wi.t()) for wi in wbs])
+            t = {"cublas_bf16": bf16_ms}
+            try:
+                t["scaled_mm_fp8_rowwise"] = graph_time([lambda wi=wi: torch._scaled_mm(
+                    x8, wi.t(), scale_a=sx8, scale_b=sw8, out_dtype=torch.bfloat16) for wi in w8s])
+            except RuntimeError as exc:  # cuBLAS rowwise FP8 refuses some shapes (e.g. M=1)
+                log("scaled_mm failed", shape, M, str(exc)[:120])
+            t["brq_w4a4"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True) for p, s in wps])
+            t["brq_w4a16"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, None, None, False) for p, s in wps])
+            if M > dispatch.SMALL_M:
+                xf, xe = aq.quantize_activation(x, r, aq.MODE_FP8)
+                t["brq_w4a4_gemm_only_fp8"] = graph_time([lambda p=p, s=s: gemm.w4a4_fp8(xf, xe, p, s) for p, s in wps])
+            xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
+            t["brq_w4a16_gemm_only"] = graph_time([lambda p=p, s=s: gemm.w4a16(xd, p, s) for p, s in wps])
+            for backend, ms in t.items():
+                row = dict(op=shape, M=M, N=N, K=K, backend=backend, ms=ms, bf16_ms=bf16_ms,
+                           ratio_vs_bf16=bf16_ms / ms)
+                if M <= 16:
+                    nbytes = {"cublas_bf16": wb.numel() * 2, "scaled_mm_fp8_rowwise": wb.numel()}.get(backend, packed_bytes)
+                    row["weight_GBps"] = nbytes / ms / 1e6
+                    row["frac_of_copy_bw"] = row["weight_GBps"] / copy_gbs
+                rows.append(row)
+            log(shape, M, " ".join(f"{b}={ms * 1e3:.1f}us({bf16_ms / ms:.2f}x)" for b, ms in t.items()))
+            del wps, wbs, w8s
+        torch.cuda.empty_cache()
+    return rows, copy_gbs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--smollm2", default=".gpu/smollm2_linears.pt")
+    ap.add_argument("--shapes", nargs="*")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    lines = []
+
+    def log(*a):
+        s = " ".join(str(v) for v in a)
+        print(s, flush=True)
+        lines.append(s)
+
+    props = torch.cuda.get_device_properties(0)
+    gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
+    meta = dict(device=props.name, capability=list(torch.cuda.get_device_capability()), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=" ".join(sys.argv))
+    log(meta)
+    checks = check(log, args.smollm2)
+    out = dict(meta, checks=checks)
+    if not args.check_only:
+        rows, copy_gbs = bench(log, args.shapes)
+        out.update(copy_GBps=copy_gbs, rows=rows)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"kernels-{gpu}.json"
+    path.write_text(json.dumps(out, indent=1))
+    log("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""MXFP4 GEMMs over packed weights (uint8 [N, K/2] + E8M0 [N, K/32], as the checkpoint stores them).
+
+References: kernels/reference.py (`brq_linear_reference`, exact; `brq_linear_fp8_reference`,
+the FP8 path's numerics). Every kernel reads the 4.25-bit weights and converts them in
+registers; y[M, N] = A[M, K] W[N, K]^T accumulates in float32.
+
+- `w4a4_fp8`: sm90 prefill. A is the activation already FP8-re-encoded by the act-quant
+  kernel (e4m3 + row exponent). Each weight row is re-encoded the same way on the fly
+  (a prologue reads the row's scales for its largest exponent), so the whole product is
+  one e4m3 tensor-core GEMM with a power of two per row and per column in the epilogue.
+  Exact MXFP4 up to blocks more than 14 binades below their row's largest (flushed).
+- `w4a16`: A in bf16/fp16, weights dequantized exactly in registers. Serves W4A16
+  checkpoints, and W4A4 at small M with A = the fake-quantized activation (exact MXFP4).
+  With SWAP the weight tile is the MMA's M side, so decode (M <= 16) wastes no MMA rows
+  and each program streams BN weight rows over the whole K (bandwidth-bound).
+- `w4a4_dot_scaled`: sm100+, native `tl.dot_scaled` with e2m1 operands (not measurable on
+  Hopper, where it upcasts to bf16 and was measured at 0.30-0.36x of cuBLAS bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_brq.kernels.act_quant import e2m1_bits
+
+
+@triton.jit
+def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _codes(p, BN: tl.constexpr, BK: tl.constexpr):
+    """Packed bytes [BN, BK/2] -> codes int32 [BN, BK] (element 2i from the low nibble)."""
+    p = p.to(tl.int32)
+    return tl.reshape(tl.join(p & 15, p >> 4), [BN, BK])
+
+
+@triton.jit
+def _weight_fp8(p, s, smax, BN: tl.constexpr, BK: tl.constexpr):
+    """Packed weight tile -> e4m3 [BN, BK]: E2M1 * 2^(s - smax + 6), flushed below -14 binades.
+    The power of two is added to the float32 exponent field (the base is >= 2^-1, the
+    shift >= -8, so it stays normal), then one exact float32 -> e4m3 conversion."""
+    bits = tl.reshape(e2m1_bits(_codes(p, BN, BK)), [BN, BK // 32, 32])
+    d = s.to(tl.int32) - smax[:, None]
+    shift = ((tl.maximum(d, -14) + 6) << 23)[:, :, None]
+    keep = ((bits & 0x7FFFFFFF) != 0) & (d >= -14)[:, :, None]
+    v = tl.where(keep, bits + shift, 0).to(tl.float32, bitcast=True)
+    return tl.reshape(v, [BN, BK]).to(tl.float8e4nv)
+
+
+@triton.jit
+def _weight_dequant(p, s, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr):
+    """Packed weight tile -> exact values [BN, BK] in DTYPE (E2M1 * 2^(s-127); code 0 -> 2^-127)."""
+    v = tl.reshape(e2m1_bits(_codes(p, BN, BK)).to(tl.float32, bitcast=True), [BN, BK // 32, 32])
+    si = s.to(tl.int32)
+    scale = tl.where(si > 0, (si << 23).to(tl.float32, bitcast=True), 2.0 ** -127)
+    return tl.reshape(v * scale[:, :, None], [BN, BK]).to(DTYPE)
+
+
+@triton.jit
+def _pow2_clamped(e):
+    """2^e for integer e, clamped to float32's normal range [-126, 127]."""
+    return ((tl.minimum(tl.maximum(e, -126), 127) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def _configs(swap_options, bms, bns, bks, warps_stages):
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SWAP": sw, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for sw in swap_options for bm in bms for bn in bns for bk in bks for (w, st) in warps_stages]
+
+
+_FP8_CONFIGS = (
+    _configs([False], [128], [128, 256], [128], [(8, 3)])
+    + _configs([True], [128], [128, 256], [128], [(8, 3)])
+    + _configs([False], [64], [128], [128], [(4, 4)])
+)
+
+
+@triton.autotune(configs=_FP8_CONFIGS, key=["M_KEY", "N", "K"])
+@triton.jit
+def _w4a4_fp8_kernel(a_ptr, ea_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY,
+                     stride_am, stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+    smax = tl.zeros([BN], dtype=tl.int32)
+    for ks in range(0, K // 32, 128):
+        cs = ks + tl.arange(0, 128)
+        s = tl.load(s_rows + cs[None, :], mask=n_ok[:, None] & (cs < K // 32)[None, :], other=0)
+        smax = tl.maximum(smax, tl.max(s.to(tl.int32), axis=1))
+    offs_k = tl.arange(0, BK)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_rows + k0 + offs_k[None, :], mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+        kp = k0 // 2 + tl.arange(0, BK // 2)
+        p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < K // 2)[None, :], other=0)
+        ks = k0 // 32 + tl.arange(0, BK // 32)
+        s = tl.load(s_rows + ks[None, :], mask=n_ok[:, None] & (ks < K // 32)[None, :], other=0)
+        w = _weight_fp8(p, s, smax, BN, BK)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    ea = tl.load(ea_ptr + offs_m, mask=offs_m < M, other=0)
+    acc = acc * _pow2_clamped(ea - 6)[:, None] * _pow2_clamped(smax - 127 - 6)[None, :]
+    _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
+
+
+_W4A16_CONFIGS = (
+    _configs([False], [128], [128, 256], [64], [(8, 3)])
+    + _configs([True], [64], [128], [64], [(4, 4)])
+    + _configs([False], [64], [128], [64], [(4, 4)])
+)
+_DECODE_CONFIGS = _configs([True], [16], [16, 32, 64], [256, 512], [(4, 3)])
+
+
+@triton.jit
+def _w4a16_body(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn,
+                stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    offs_k = tl.arange(0, BK)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_rows + k0 + offs_k[None, :], mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+        kp = k0 // 2 + tl.arange(0, BK // 2)
+        p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < K // 2)[None, :], other=0)
+        ks = k0 // 32 + tl.arange(0, BK // 32)
+        s = tl.load(s_rows + ks[None, :], mask=n_ok[:, None] & (ks < K // 32)[None, :], other=0)
+        w = _weight_dequant(p, s, BN, BK, a_ptr.dtype.element_ty)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
+
+
+@triton.autotune(configs=_W4A16_CONFIGS, key=["M_KEY", "N", "K"])
+@triton.jit
+def _w4a16_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_wn,
+                  stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr):
+    _w4a16_body(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn,
+                stride_cm, HAS_BIAS, BM, BN, BK, SWAP, GROUP_M)
+
+
+@triton.autotune(configs=_DECODE_CONFIGS, key=["M_KEY", "N", "K"])
+@triton.jit
+def _decode_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_wn,
+                   stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr):
+    _w4a16_body(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn,
+                stride_cm, HAS_BIAS, BM, BN, BK, SWAP, GROUP_M)
+
+
+@triton.jit
+def _w4a4_dot_scaled_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K,
+                            stride_am, stride_asm, stride_wn, stride_sn, stride_cm,
+                            HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = (offs_m < M)[:, None]
+    n_ok = (offs_n < N)[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kp = k0 // 2 + tl.arange(0, BK // 2)
+        ks = k0 // 32 + tl.arange(0, BK // 32)
+        kp_ok = (kp < K // 2)[None, :]
+        ks_ok = (ks < K // 32)[None, :]
+        a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + kp[None, :], mask=m_ok & kp_ok, other=0)
+        sa = tl.load(as_ptr + offs_m.to(tl.int64)[:, None] * stride_asm + ks[None, :], mask=m_ok & ks_ok, other=0)
+        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + kp[None, :], mask=n_ok & kp_ok, other=0)
+        sw = tl.load(ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + ks[None, :], mask=n_ok & ks_ok, other=0)
+        acc = tl.dot_scaled(a, sa, "e2m1", tl.trans(w), sw, "e2m1", acc)
+    _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
+
+
+def _m_key(M: int) -> int:
+    """Autotuning bucket for M (powers of two up to 4096): one tuning per bucket, not per M."""
+    return min(triton.next_power_of_2(max(M, 1)), 4096)
+
+
+def _grid(M, N):
+    return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+
+def _check(a, weight_packed, weight_scale):
+    M, K = a.shape
+    N = weight_packed.shape[0]
+    if weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32):
+        raise ValueError(f"weights {tuple(weight_packed.shape)}/{tuple(weight_scale.shape)} do not fit K={K}")
+    return M, N, K
+
+
+def _launcher(kernel, config):
+    """The autotuned kernel, or with `config` (a dict of meta-parameters, num_warps and
+    num_stages included) its plain JIT function: tests and benchmarks pin a config."""
+    if config is None:
+        return lambda grid: kernel[grid], {}
+    cfg = dict(config)
+    return lambda grid: kernel.fn[grid], cfg
+
+
+def w4a4_fp8(a_fp8, a_exp, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None):
+    """(e4m3 [M, K], int32 row exponents [M]) x packed MXFP4 weights -> [M, N] in out_dtype."""
+    M, N, K = _check(a_fp8, weight_packed, weight_scale)
+    c = torch.empty(M, N, dtype=out_dtype, device=a_fp8.device)
+    launch, cfg = _launcher(_w4a4_fp8_kernel, config)
+    launch(_grid(M, N))(
+        a_fp8, a_exp, weight_packed, weight_scale, bias if bias is not None else c, c, M, N, K, _m_key(M),
+        a_fp8.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0), HAS_BIAS=bias is not None,
+        **cfg)
+    return c
+
+
+def w4a16(a, weight_packed, weight_scale, bias=None, config=None):
+    """a [M, K] bf16/fp16 x packed MXFP4 weights (dequantized exactly in registers) -> [M, N]."""
+    M, N, K = _check(a, weight_packed, weight_scale)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    launch, cfg = _launcher(_decode_kernel if M <= 16 else _w4a16_kernel, config)
+    launch(_grid(M, N))(
+        a, weight_packed, weight_scale, bias if bias is not None else c, c, M, N, K, _m_key(M),
+        a.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0), HAS_BIAS=bias is not None,
+        **cfg)
+    return c
+
+
+def w4a4_dot_scaled(a_packed, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16,
+                    block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3):
+    """sm100+: MXFP4 x MXFP4 on native e2m1 tensor cores (codes+scales from the act-quant kernel)."""
+    M = a_packed.shape[0]
+    K = a_packed.shape[1] * 2
+    N = weight_packed.shape[0]
+    c = torch.empty(M, N, dtype=out_dtype, device=a_packed.device)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _w4a4_dot_scaled_kernel[grid](
+        a_packed, a_scale, weight_packed, weight_scale, bias if bias is not None else c, c, M, N, K,
+        a_packed.stride(0), a_scale.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0),
+        HAS_BIAS=bias is not None, BM=block_m, BN=block_n, BK=block_k, GROUP_M=8,
+        num_warps=num_warps, num_stages=num_stages)
+    return c
