@@ -1,0 +1,94 @@
+"""Tiny Llama checkpoints for the plugin tests, written directly from format + mxfp4.
+
+These do not go through brq-convert on purpose: the loader tests need checkpoints they
+can break one tensor at a time, and must not depend on the converter's choices.
+A "BRQ" checkpoint here is RTN onto MXFP4, with a shared 32x32 block rotation on each
+down_proj's input (folded into the weight: (x R)(W R)^T = x W^T), like the converter's R4.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_brq import format as fmt
+from vllm_brq import mxfp4
+from vllm_brq.rotation import block_rotation, rotate_weight_input
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, init_std: float = 0.08) -> Path:
+    """A random fp32 Llama with SmolLM2's tokenizer; a large init makes its next-token
+    distribution peaked, so greedy decoding does not hinge on near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
+    config = LlamaConfig(vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg["bos_token_id"],
+                         eos_token_id=tok_cfg["eos_token_id"], initializer_range=init_std, **TINY)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float().eval()
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def quantization_config(activation_format: str = "mxfp4", quantizer: str = "rtn", **overrides) -> dict:
+    cfg = fmt.build_config(
+        activation_format=activation_format,
+        rotation={"kind": "block_hadamard", "block_size": 32, "seed": 0, "r1": False, "r2": False, "r4": True},
+        quantizer={"method": quantizer}, converter="tests/plugin_checkpoints.py",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def brq_checkpoint(src: Path, out: Path, activation_format: str = "mxfp4", quantizer: str = "rtn") -> Path:
+    """RTN (or ``quantizer="none"``: rotated fp weights) BRQ checkpoint of ``src``."""
+    tensors = load_file(src / "model.safetensors")
+    result = {}
+    for key, t in tensors.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf != "weight" or prefix.rpartition(".")[2] not in LINEARS:
+            result[key] = t
+            continue
+        w = t.float()
+        if prefix.endswith("down_proj"):
+            r = block_rotation(w.shape[1], 32, seed=0, stream=f"r4.{prefix}", shared=True)
+            w = rotate_weight_input(w.double(), r).float()
+            result[f"{prefix}.{fmt.INPUT_ROTATION}"] = r.float()
+        if quantizer == "none":
+            result[key] = w.to(t.dtype)
+        else:
+            result[f"{prefix}.{fmt.WEIGHT_PACKED}"], result[f"{prefix}.{fmt.WEIGHT_SCALE}"] = mxfp4.quantize(w)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    save_file(result, out / "model.safetensors", metadata={"format": "pt"})
+    set_quantization_config(out, quantization_config(activation_format, quantizer))
+    return out
+
+
+def set_quantization_config(path: Path, qcfg: dict) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def edit_tensors(src: Path, out: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` whose tensor dict went through ``edit(dict) -> None``."""
+    shutil.copytree(src, out)
+    tensors = load_file(out / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -1,0 +1,66 @@
+"""The BRQ linears as torch.library custom ops (namespace ``brq``).
+
+vLLM traces the model with torch.compile and captures CUDA graphs. Registering the
+linears as opaque custom ops with fake (meta) implementations lets Dynamo trace through
+them by shape alone, whatever backend ``kernels.dispatch`` picks at run time (Python
+reference, Triton), and keeps graph breaks out of the compiled model.
+
+Ops:
+- ``brq::mxfp4_linear(x, weight_packed, weight_scale, input_rotation?, bias?, quantize_activations)``:
+  y = Q(x R) W^T + b with an MXFP4 weight (calls ``kernels.dispatch.brq_linear``).
+- ``brq::rotated_linear(x, weight, input_rotation?, bias?, quantize_activations)``:
+  the same with a dense weight, for ``--quantizer none`` checkpoints (rotated weights in
+  the source dtype).
+
+Importing this module registers the ops once per process (the Library object lives at
+module level: an op lives only as long as its library).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_brq import mxfp4
+from vllm_brq.kernels import dispatch
+from vllm_brq.rotation import rotate
+
+# FRAGMENT: other modules (e.g. GPU kernels) may add their own ops to the brq namespace.
+_LIB = torch.library.Library("brq", "FRAGMENT")
+
+_LIB.define(
+    "mxfp4_linear(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? input_rotation, "
+    "Tensor? bias, bool quantize_activations) -> Tensor"
+)
+_LIB.define(
+    "rotated_linear(Tensor x, Tensor weight, Tensor? input_rotation, Tensor? bias, "
+    "bool quantize_activations) -> Tensor"
+)
+
+
+def _mxfp4_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations):
+    return dispatch.brq_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations)
+
+
+def _rotated_linear(x, weight, input_rotation, bias, quantize_activations):
+    if input_rotation is not None:
+        x = rotate(x, input_rotation)
+    if quantize_activations:
+        x = mxfp4.fake_quantize(x)
+    return F.linear(x, weight, bias)
+
+
+def _linear_fake(x, weight, *_args):
+    """Output shape and dtype only: [..., N] in x's dtype (N = rows of the weight)."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# CompositeExplicitAutograd: one implementation for every device; the dispatch inside
+# chooses the backend. Inference only, so no autograd formula is registered.
+_LIB.impl("mxfp4_linear", _mxfp4_linear, "CompositeExplicitAutograd")
+_LIB.impl("rotated_linear", _rotated_linear, "CompositeExplicitAutograd")
+torch.library.register_fake("brq::mxfp4_linear", _linear_fake, lib=_LIB)
+torch.library.register_fake("brq::rotated_linear", _linear_fake, lib=_LIB)
+
+mxfp4_linear = torch.ops.brq.mxfp4_linear
+rotated_linear = torch.ops.brq.rotated_linear
