@@ -1,0 +1,55 @@
+"""--quantizer none only fuses norms and rotates: the served model must equal the original."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tiny_models
+from vllm_brq import hf_reference
+from vllm_brq.converter import convert
+
+CASES = [
+    ("llama", {}),
+    ("qwen2", {}),  # q/k/v biases: the v bias follows R2
+    ("llama_tied", {}),  # final norm != 1: lm_head is untied
+    ("qwen3", {}),  # q_norm / k_norm
+    ("mistral", {}),
+    ("llama", {"rotation": "global"}),
+    ("llama", {"rotation_block_size": 16, "seed": 3}),
+    ("llama", {"r1": False}),
+]
+
+
+@pytest.mark.parametrize("kind,options", CASES, ids=[f"{k}-{'-'.join(map(str, o.values())) or 'block'}" for k, o in CASES])
+def test_rotated_model_gives_original_logits(tmp_path: Path, kind: str, options: dict):
+    src = tiny_models.build(kind, tmp_path / "src")
+    ids = torch.randint(0, tiny_models.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+    out = convert(src, tmp_path / "out", quantizer="none", activations="none", device="cpu", **options)
+    model = hf_reference.load(out)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quantizer"]["method"] == "none"
+    assert cfg["tie_word_embeddings"] is False  # untied sources, or tied with a final norm != 1
+
+
+def test_tied_embeddings_stay_tied_when_final_norm_is_one(tmp_path: Path):
+    src = tiny_models.build("llama_tied", tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1)
+    model.save_pretrained(src)
+    out = convert(src, tmp_path / "out", quantizer="none", activations="none", device="cpu")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 16))
+    with torch.no_grad():
+        want, got = model(ids).logits, hf_reference.load(out)(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-4
