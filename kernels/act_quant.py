@@ -12,7 +12,8 @@ dot and its amax a reduction over the last axis. Three outputs, picked at compil
 - MODE_FP8: the sm90 FP8 operand: each row re-encoded relative to its largest block
   exponent E (value * 2^(e - E + 6) is exact in e4m3 for e - E >= -14; lower blocks are
   flushed to 0) plus the int32 row exponent E. Needs the row max first, so K is walked
-  twice; the second pass re-reads x mostly from L2.
+  twice (one program per BM rows); the second pass re-reads x mostly from L2. The other
+  modes use a 2D grid (rows x chunks of NB blocks).
 
 The rotation is computed in float32 through `tf32x3` (three tf32 products, ~fp32 accuracy);
 the reference rotates with an fp32 matmul, so rotated inputs can differ from it in the
@@ -81,6 +82,12 @@ def _act_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, st
                       BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = pid * BM + tl.arange(0, BM)
+    if MODE == 2:  # the row exponent needs the whole row: one program walks all of K
+        k_lo = 0
+        k_hi = K
+    else:  # blocks are independent: a 2D grid, one chunk of NB blocks per program
+        k_lo = tl.program_id(1) * NB * 32
+        k_hi = tl.minimum(K, k_lo + NB * 32)
     offs_nb = tl.arange(0, NB)
     offs_i = tl.arange(0, 32)
     row_ok = (offs_m < M)[None, :, None]
@@ -95,7 +102,7 @@ def _act_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, st
             rowmax = tl.maximum(rowmax, tl.max(tl.max(tl.abs(y), axis=2), axis=0))
         erow = _block_exponent(rowmax)
         tl.store(s_ptr + offs_m, erow, mask=offs_m < M)
-    for k0 in range(0, K, NB * 32):
+    for k0 in range(k_lo, k_hi, NB * 32):
         cols = k0 + offs_nb[:, None, None] * 32 + offs_i[None, None, :]
         msk = row_ok & (cols < K)
         x = tl.load(x_rows + cols, mask=msk, other=0.0).to(tl.float32)
@@ -147,7 +154,7 @@ def fusable_rotation(input_rotation: torch.Tensor | None, K: int) -> bool:
 
 
 def quantize_activation(x: torch.Tensor, input_rotation: torch.Tensor | None = None,
-                        mode: int = MODE_MXFP4, block_m: int = 32, nb: int = 4,
+                        mode: int = MODE_MXFP4, block_m: int = 16, nb: int | None = None,
                         num_warps: int = 4, rot_precision: str = "tf32x3"):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])."""
@@ -165,7 +172,8 @@ def quantize_activation(x: torch.Tensor, input_rotation: torch.Tensor | None = N
     else:
         q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
         s = torch.empty(M, dtype=torch.int32, device=x.device)
-    grid = (triton.cdiv(M, block_m),)
+    nb = nb or (8 if mode == MODE_FP8 else 4)
+    grid = (triton.cdiv(M, block_m), 1 if mode == MODE_FP8 else triton.cdiv(K, nb * 32))
     _act_quant_kernel[grid](
         x, r if r is not None else x, q, s, M, K, x.stride(0), q.stride(0),
         s.stride(0) if s.dim() == 2 else 1,

@@ -91,6 +91,7 @@ def _configs(swap_options, bms, bns, bks, warps_stages):
 
 _FP8_CONFIGS = (
     _configs([False], [128], [128, 256], [128], [(8, 3)])
+    + _configs([False], [128], [128], [64], [(4, 4), (8, 5)])
     + _configs([True], [128], [128, 256], [128], [(8, 3)])
     + _configs([False], [64], [128], [128], [(4, 4)])
 )
@@ -109,8 +110,8 @@ def _w4a4_fp8_kernel(a_ptr, ea_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_K
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
     smax = tl.zeros([BN], dtype=tl.int32)
-    for ks in range(0, K // 32, 128):
-        cs = ks + tl.arange(0, 128)
+    for k_s in range(0, K // 32, 128):
+        cs = k_s + tl.arange(0, 128)
         s = tl.load(s_rows + cs[None, :], mask=n_ok[:, None] & (cs < K // 32)[None, :], other=0)
         smax = tl.maximum(smax, tl.max(s.to(tl.int32), axis=1))
     offs_k = tl.arange(0, BK)
@@ -143,7 +144,8 @@ _W4A16_CONFIGS = (
     + _configs([True], [64], [128], [64], [(4, 4)])
     + _configs([False], [64], [128], [64], [(4, 4)])
 )
-_DECODE_CONFIGS = _configs([True], [16], [16, 32, 64], [256, 512], [(4, 3)])
+_DECODE_CONFIGS = (_configs([True], [16], [16, 32, 64], [256, 512], [(4, 3)])
+                   + _configs([True], [16], [16, 32], [128, 256], [(2, 5), (4, 6)]))
 
 
 @triton.jit

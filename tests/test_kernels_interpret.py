@@ -1,0 +1,98 @@
+"""Triton kernels vs their references under Triton's CPU interpreter (TRITON_INTERPRET=1).
+
+The interpreter must be switched on before triton is imported, so each check runs this
+file in a subprocess. Small shapes, random inputs with outlier channels (x60) and massive
+outliers (x500), a fresh seed each run (printed on failure). Known interpreter limit
+(triton 3.9): bf16 tl.dot multiplies raw bit patterns, so the W4A16 kernel is checked here
+with float32 activations (bf16 is checked on the GPU by benchmarks/bench_kernels.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECKS = ("act_quant", "gemm_fp8", "gemm_w4a16")
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_kernel_under_interpreter(name):
+    pytest.importorskip("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, __file__, name, str(seed)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if res.returncode == 77:
+        pytest.skip(res.stdout.strip()[-300:])
+    assert res.returncode == 0, f"seed {seed}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+
+
+def _inputs(seed, M, K, N):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    x[:, torch.randperm(K, generator=g)[:3]] *= 60
+    x.view(-1)[torch.randint(0, M * K, (2,), generator=g)] *= 500
+    w = torch.randn(N, K, generator=g) * 0.02
+    w[torch.randint(0, N, (1,), generator=g), :32] *= 2.0 ** -18  # a weight block flushed by the FP8 path
+    return x.bfloat16(), w
+
+
+def _run(name, seed):
+    import torch
+
+    from vllm_brq import mxfp4
+    from vllm_brq.kernels import act_quant as aq
+    from vllm_brq.kernels import gemm
+    from vllm_brq.kernels import reference as ref
+    from vllm_brq.rotation import block_rotation
+
+    M, K, N = 5, 192, 48
+    x, w = _inputs(seed, M, K, N)
+    rots = (None, block_rotation(K, 32, seed, "s", shared=True).float(), block_rotation(K, 32, seed, "b").float())
+    if name == "act_quant":
+        for r in rots:
+            q0, s0 = ref.quantize_activation_reference(x, r)
+            q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4, nb=2)
+            assert torch.equal(q, q0) and torch.equal(s, s0)
+            d = aq.quantize_activation(x, r, aq.MODE_DEQUANT, nb=2)
+            assert torch.equal(d, mxfp4.dequantize(q0, s0, torch.bfloat16))
+            f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2)
+            f0, e0 = ref.fp8_reencode_reference(q0, s0)
+            assert torch.equal(f.float(), f0) and torch.equal(e, e0)
+        return
+    wp, ws = mxfp4.quantize(w)
+    r = rots[1]
+    cfgs = [dict(BM=16, BN=16, BK=64, SWAP=sw, GROUP_M=2) for sw in (False, True)]
+    if name == "gemm_fp8":
+        y0 = ref.brq_linear_fp8_reference(x, wp, ws, r).double()  # bf16 output
+        yx = ref.brq_linear_fp8_reference(x.float(), wp, ws, r).double()
+        f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2)
+        for cfg in cfgs:
+            y = gemm.w4a4_fp8(f, e, wp, ws, out_dtype=torch.float32, config=cfg).double()
+            assert ((y - yx).norm() / yx.norm()) < 1e-5, cfg
+            yb = gemm.w4a4_fp8(f, e, wp, ws, config=cfg).double()
+            assert ((yb - y0).norm() / y0.norm()) < 4e-3, cfg
+        return
+    if name == "gemm_w4a16":
+        xq = aq.quantize_activation(x, r, aq.MODE_DEQUANT, nb=2).float()
+        y0 = ref.brq_linear_reference(x.float(), wp, ws, r, None, True).double()
+        b = torch.randn(N)
+        for cfg in cfgs:
+            y = gemm.w4a16(xq, wp, ws, bias=b, config=cfg).double()
+            assert ((y - b.double() - y0).norm() / y0.norm()) < 1e-5, cfg
+        return
+    raise SystemExit(f"unknown check {name}")
+
+
+if __name__ == "__main__":
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("triton is not installed")
+        sys.exit(77)
+    _run(sys.argv[1], int(sys.argv[2]))
