@@ -19,26 +19,16 @@ from vllm_brq import format as fmt
 from vllm_brq import mxfp4
 from vllm_brq.rotation import block_rotation, rotate_weight_input
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, init_std: float = 0.08) -> Path:
-    """A random fp32 Llama with SmolLM2's tokenizer; a large init makes its next-token
-    distribution peaked, so greedy decoding does not hinge on near-ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """The converter tests' tiny tied Llama (tests/tiny_models.py) plus SmolLM2's chat
+    template, so the chat endpoint works on it."""
+    import tiny_models
 
-    tok_cfg = json.loads((tokenizer_dir / "config.json").read_text())
-    config = LlamaConfig(vocab_size=tok_cfg["vocab_size"], bos_token_id=tok_cfg["bos_token_id"],
-                         eos_token_id=tok_cfg["eos_token_id"], initializer_range=init_std, **TINY)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float().eval()
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, out / name)
+    tiny_models.build("llama_tied", out, tokenizer_dir, seed=seed, **overrides)
+    shutil.copy(tokenizer_dir / "chat_template.jinja", out / "chat_template.jinja")
     return out
 
 
