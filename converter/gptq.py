@@ -71,22 +71,23 @@ class GPTQ:
             perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
             w, scale, h = w[:, perm], scale[:, perm], h[perm][:, perm]
         u = self._inverse_cholesky(h)
-        q = torch.zeros_like(w)
+        # work on W^T so each weight column is one contiguous row
+        wt, st = w.t().contiguous(), scale.t().contiguous()
+        qt = torch.empty_like(wt)
         for i1 in range(0, cols, self.block_size):
             i2 = min(i1 + self.block_size, cols)
-            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-            err1 = torch.zeros_like(w1)
+            w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
+            err1 = torch.empty_like(w1)
             for j in range(i2 - i1):
-                s = scale[:, i1 + j]
-                qj = mxfp4.round_to_e2m1(w1[:, j] / s) * s
-                q[:, i1 + j] = qj
-                err = (w1[:, j] - qj) / u1[j, j]
-                w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)
-                err1[:, j] = err
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+                s = st[i1 + j]
+                qt[i1 + j] = mxfp4.round_to_e2m1(w1[j] / s) * s
+                torch.div(w1[j] - qt[i1 + j], u1[j, j], out=err1[j])
+                w1[j + 1:].addr_(u1[j, j + 1:], err1[j], alpha=-1)
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
+        q = qt.t()
         if self.act_order:
             q = q[:, torch.argsort(perm)]
-        return q
+        return q.contiguous()
 
     def _inverse_cholesky(self, h: torch.Tensor) -> torch.Tensor:
         """Upper Cholesky factor of H^-1 after damping (damping grows if H is singular)."""
@@ -94,8 +95,9 @@ class GPTQ:
         eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
         for _ in range(5):
             l, info = torch.linalg.cholesky_ex(h + damp * eye)
-            if not info:
-                return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+            if not info:  # H^-1 = L^-T L^-1 (torch.cholesky_inverse is pathologically slow on CPU)
+                l_inv = torch.linalg.solve_triangular(l, eye, upper=False)
+                return torch.linalg.cholesky(l_inv.t() @ l_inv, upper=True)
             damp = damp * 10
         raise RuntimeError("GPTQ: the Hessian stays singular after damping")
 
