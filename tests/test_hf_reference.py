@@ -1,0 +1,59 @@
+"""hf_reference: a BRQ checkpoint in transformers, every decoder linear on the reference spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tiny_models
+from vllm_brq import hf_reference, mxfp4
+from vllm_brq.converter import convert
+from vllm_brq.converter.pipeline import Options, run
+from vllm_brq.kernels.reference import brq_linear_reference
+from vllm_brq.rotation import block_rotation
+
+IDS = torch.randint(0, tiny_models.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return tiny_models.build("llama_tied", tmp_path_factory.mktemp("src") / "llama")
+
+
+def test_reference_linear_is_the_spec():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 64, generator=g), torch.randn(24, 64, generator=g)
+    packed, scales = mxfp4.quantize(w)
+    r = block_rotation(64, 32, 0, "t", shared=True).float()
+    b = torch.randn(24, generator=g)
+    lin = hf_reference.ReferenceLinear(weight_packed=packed, weight_scale=scales, input_rotation=r, bias=b)
+    assert torch.equal(lin(x), brq_linear_reference(x, packed, scales, r, b, True))
+    fp = hf_reference.ReferenceLinear(weight=w, input_rotation=r, quantize_activations=False)
+    xr = (x.unflatten(-1, (2, 32)) @ r).flatten(-2)
+    assert torch.allclose(fp(x), xr @ w.t(), atol=1e-5)
+
+
+def test_loaded_checkpoint_equals_the_converted_model_in_memory(tmp_path, llama):
+    out = convert(llama, tmp_path / "out", quantizer="rtn", device="cpu")
+    loaded = hf_reference.load(out)
+    assert sum(isinstance(m, hf_reference.ReferenceLinear) for m in loaded.modules()) == 14
+    memory = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    run(memory, Options(quantizer="rtn", device="cpu"))
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, memory(IDS).logits)
+
+
+def test_quantizer_none_with_mxfp4_activations_quantizes_every_decoder_linear(tmp_path, llama):
+    out = convert(llama, tmp_path / "out", quantizer="none", activations="mxfp4", device="cpu")
+    model = hf_reference.load(out)
+    linears = [m for m in model.modules() if isinstance(m, hf_reference.ReferenceLinear)]
+    assert len(linears) == 14 and all(m.weight is not None and m.quantize_activations for m in linears)
+    assert sum(m.input_rotation is not None for m in linears) == 2  # down_proj (R4)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)(IDS).logits
+        got = model(IDS).logits
+    err = float((got - want).norm() / want.norm())
+    assert 1e-4 < err < 0.5  # activations are rounded, nothing else
