@@ -69,14 +69,14 @@ def _run(name, seed):
     r = rots[1]
     cfgs = [dict(BM=16, BN=16, BK=64, SWAP=sw, GROUP_M=2) for sw in (False, True)]
     if name == "gemm_fp8":
-        y0 = ref.brq_linear_fp8_reference(x, wp, ws, r).double()  # bf16 output
         yx = ref.brq_linear_fp8_reference(x.float(), wp, ws, r).double()
         f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2)
         for cfg in cfgs:
             y = gemm.w4a4_fp8(f, e, wp, ws, out_dtype=torch.float32, config=cfg).double()
             assert ((y - yx).norm() / yx.norm()) < 1e-5, cfg
             yb = gemm.w4a4_fp8(f, e, wp, ws, config=cfg).double()
-            assert ((yb - y0).norm() / y0.norm()) < 4e-3, cfg
+            # one bf16 ulp: the interpreter casts float32 -> bf16 by truncation (the GPU rounds to nearest)
+            assert torch.all((yb - yx).abs() <= 2.0 ** -7 * yx.abs() + 1e-5 * yx.abs().max()), cfg
         return
     if name == "gemm_w4a16":
         xq = aq.quantize_activation(x, r, aq.MODE_DEQUANT, nb=2).float()

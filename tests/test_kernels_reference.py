@@ -1,0 +1,72 @@
+"""CPU tests of the kernel-side references (kernels/reference.py) and the CPU dispatch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vllm_brq import mxfp4
+from vllm_brq.kernels import dispatch
+from vllm_brq.kernels import reference as ref
+from vllm_brq.rotation import block_rotation
+
+
+def _gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed), seed
+
+
+def _outlier_x(g, M, K):
+    x = torch.randn(M, K, generator=g)
+    x[:, torch.randperm(K, generator=g)[:4]] *= 60
+    x.view(-1)[torch.randint(0, M * K, (3,), generator=g)] *= 500
+    return x
+
+
+def test_fp8_reencode_is_exact_mxfp4_without_flush():
+    g, seed = _gen()
+    x = _outlier_x(g, 7, 256)
+    packed, scales = mxfp4.quantize(x)
+    vals, erow = ref.fp8_reencode_reference(packed, scales)
+    assert torch.equal(vals.to(torch.float8_e4m3fn).float(), vals), seed  # every value exact in e4m3
+    assert vals.abs().max() <= 448
+    back = vals * torch.exp2((erow - ref.FP8_TOP).float()).unsqueeze(1)
+    e = scales.int() - 127
+    flushed = (e - erow[:, None]) < -ref.FP8_RANGE
+    exact = mxfp4.dequantize(packed, scales)
+    keep = ~flushed.repeat_interleave(32, dim=1)
+    assert torch.equal(back[keep], exact[keep]), seed
+    assert torch.all(back[~keep] == 0), seed
+
+
+def test_fp8_reencode_flushes_blocks_more_than_14_binades_below():
+    x = torch.ones(1, 96)
+    x[0, 32:64] *= 2.0 ** -14  # exactly 14 binades below: kept
+    x[0, 64:96] *= 2.0 ** -15  # 15 below: flushed
+    vals, erow = ref.fp8_reencode_reference(*mxfp4.quantize(x))
+    assert torch.all(vals[0, :64] != 0) and torch.all(vals[0, 64:] == 0)
+    assert torch.equal(vals.to(torch.float8_e4m3fn).float(), vals)
+
+
+def test_fp8_linear_reference_matches_exact_product():
+    g, seed = _gen()
+    K, N = 512, 64
+    x = _outlier_x(g, 9, K)
+    wp, ws = mxfp4.quantize(torch.randn(N, K, generator=g) * 0.02)
+    r = block_rotation(K, 32, 3, "t", shared=True)
+    y0 = ref.brq_linear_reference(x, wp, ws, r, None, True).double()
+    y = ref.brq_linear_fp8_reference(x, wp, ws, r).double()
+    assert ((y - y0).norm() / y0.norm()) < 1e-5, seed
+
+
+def test_cpu_dispatch_is_the_reference():
+    g, seed = _gen()
+    K, N = 256, 32
+    x = _outlier_x(g, 3, K).bfloat16()
+    wp, ws = mxfp4.quantize(torch.randn(N, K, generator=g))
+    b = torch.randn(N, generator=g)
+    for r in (None, block_rotation(K, 32, 1, "a", shared=True), block_rotation(K, 32, 1, "a")):
+        for qa in (True, False):
+            assert torch.equal(dispatch.brq_linear(x, wp, ws, r, b, qa), ref.brq_linear_reference(x, wp, ws, r, b, qa))
+    assert dispatch.prepare_weights(wp, ws)[0] is wp
