@@ -42,10 +42,12 @@ def _check_blocks(x: torch.Tensor, block: int) -> None:
 def block_exponents(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Shared exponent e of each block (X = 2^e), int32 [..., K/block], clamped to [-127, 127]."""
     _check_blocks(x, block)
-    amax = x.float().abs().unflatten(-1, (-1, block)).amax(-1)
+    wide = torch.promote_types(x.dtype, torch.float32)  # float64 keeps its range
+    amax = x.to(wide).abs().unflatten(-1, (-1, block)).amax(-1)
     _, exp = torch.frexp(amax)  # amax = m * 2^exp, m in [0.5, 1): floor(log2 amax) = exp - 1
     e = exp.to(torch.int32) - 1 - E2M1_EMAX
     e = torch.where(amax == 0, torch.full_like(e, -SCALE_BIAS), e)
+    e = torch.where(torch.isinf(amax), torch.full_like(e, SCALE_BIAS), e)  # frexp(inf) has no exponent
     return e.clamp(-SCALE_BIAS, SCALE_BIAS)
 
 
