@@ -42,8 +42,11 @@ def quantization_config(activation_format: str = "mxfp4", quantizer: str = "rtn"
     return cfg
 
 
-def brq_checkpoint(src: Path, out: Path, activation_format: str = "mxfp4", quantizer: str = "rtn") -> Path:
-    """RTN (or ``quantizer="none"``: rotated fp weights) BRQ checkpoint of ``src``."""
+def brq_checkpoint(src: Path, out: Path, activation_format: str = "mxfp4", quantizer: str = "rtn",
+                   qkv_rotation: bool = False) -> Path:
+    """RTN (or ``quantizer="none"``: rotated fp weights) BRQ checkpoint of ``src``.
+    ``qkv_rotation`` also gives q/k/v one per-block [in/32, 32, 32] rotation per layer
+    (identical copies, as vLLM fuses them), the general form the outlier-aware mode writes."""
     tensors = load_file(src / "model.safetensors")
     result = {}
     for key, t in tensors.items():
@@ -52,8 +55,13 @@ def brq_checkpoint(src: Path, out: Path, activation_format: str = "mxfp4", quant
             result[key] = t
             continue
         w = t.float()
-        if prefix.endswith("down_proj"):
+        parent, _, leaf = prefix.rpartition(".")
+        r = None
+        if leaf == "down_proj":
             r = block_rotation(w.shape[1], 32, seed=0, stream=f"r4.{prefix}", shared=True)
+        elif qkv_rotation and leaf in ("q_proj", "k_proj", "v_proj"):
+            r = block_rotation(w.shape[1], 32, seed=0, stream=f"qkv.{parent}")
+        if r is not None:
             w = rotate_weight_input(w.double(), r).float()
             result[f"{prefix}.{fmt.INPUT_ROTATION}"] = r.float()
         if quantizer == "none":

@@ -220,10 +220,11 @@ class _BRQMethodBase(LinearMethodBase):
             r = r.to(device=param.device, dtype=torch.float32).contiguous()
             if param.numel() and not torch.equal(param.data, r):
                 raise fmt.FormatError(
-                    f"tensor {name} differs from the input_rotation of the other linears that vLLM "
-                    f"fuses into {self.prefix}; fused linears must carry identical copies"
+                    f"tensors {layer.brq_rotation_name} and {name} differ; linears that vLLM fuses "
+                    f"(into {self.prefix}) must carry identical input_rotation copies"
                 )
             param.data = r
+            layer.brq_rotation_name = name
             layer.brq_loaded.add((fmt.INPUT_ROTATION, shard_id))
         return load
 
