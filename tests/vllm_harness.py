@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,8 +67,7 @@ def vllm_prompt_logprobs(llm, ids: list[int], max_tokens: int = 64) -> tuple[tor
 
 @torch.no_grad()
 def hf_prompt_logprobs(model, ids: list[int], max_tokens: int = 64) -> tuple[torch.Tensor, list[int]]:
-    """The same two things from a transformers model (greedy, no cache quirks: full recompute
-    is avoided by HF's KV cache, which is exact in fp32 for these tiny models)."""
+    """The same two things from a transformers model (fp32 throughout)."""
     x = torch.tensor([ids])
     logp = torch.log_softmax(model(x).logits[0].double(), -1)
     lp = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
@@ -94,12 +94,15 @@ class Server:
     """`vllm serve MODEL --quantization brq` on 127.0.0.1 as a subprocess; stopped with
     SIGINT (then SIGTERM, then SIGKILL) and waited for."""
 
-    def __init__(self, model: Path | str, *extra: str, timeout: float = 420, log: Path | None = None):
+    def __init__(self, model: Path | str, *extra: str, max_model_len: int = 512, timeout: float = 420,
+                 log: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
+        # the real `vllm` command when installed (the CPU install aliases its metadata)
+        vllm = [shutil.which("vllm")] if shutil.which("vllm") else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+        cmd = [*vllm, "serve", str(model),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-               "--max-model-len", "2048", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+               "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
                "--seed", "0", *extra]
         self.log_path = log or Path(str(model).rstrip("/") + f".server-{self.port}.log")
         self._log = open(self.log_path, "w")
