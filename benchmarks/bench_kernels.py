@@ -65,6 +65,21 @@ def check(log, smollm2_path):
                             fp8_diff=int((f.float() != f0).sum()), rowexp_diff=int((e != e0).sum()),
                             dequant_diff=int((d != d0).sum()), elements=x.numel(),
                             fp8_flushed_blocks=int(((s0.int() - e0[:, None] - 127) < -14).sum()))
+            # the +-1 bf16 rotation dot (Rotation.prepare) and the one-pass FP8 kernel
+            rp = aq.Rotation.prepare(r) if r is not None else None
+            if rp is not None:
+                qs, ss = aq.quantize_activation(x, rp, aq.MODE_MXFP4)
+                ds = aq.quantize_activation(x, rp, aq.MODE_DEQUANT)
+                res[key].update(sign_rot=rp.sign is not None, sign_code_bytes_diff=int((qs != q0).sum()),
+                                sign_scale_diff=int((ss != s0).sum()), sign_dequant_diff=int((ds != d0).sum()))
+            if r is None or r.dim() == 2:
+                for tag, rr in (("row", r), ("row_sign", rp)):
+                    if tag == "row_sign" and rr is None:
+                        continue
+                    f1, e1, sc1 = aq.quantize_activation(x, rr, aq.MODE_FP8, with_scale=True)
+                    res[key].update({f"{tag}_fp8_diff": int((f1.float() != f0).sum()),
+                                     f"{tag}_rowexp_diff": int((e1 != e0).sum()),
+                                     f"{tag}_scale_diff": int((sc1[:, 0] != torch.exp2((e0 - 6).double()).float()).sum())})
             log(key, res[key])
     cases = []
     for name, (N, K) in (("o", (1024, 4096)), ("down", (1024, 14336))):
@@ -83,15 +98,25 @@ def check(log, smollm2_path):
         yb = y0.to(torch.bfloat16)
         xf, xe = aq.quantize_activation(x, r, aq.MODE_FP8)
         xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
+        ex = dispatch.prepare_extras(wp, ws, r)
+        bias = torch.randn(wp.shape[0], device="cuda", dtype=torch.bfloat16)
+        yb0 = y0 + bias.double()
         row = dict(bf16_rounding_of_exact=rel(yb, y0),
+                   dispatch_w4a4_extras=rel(dispatch.brq_linear(x, wp, ws, r, None, True, **ex), y0),
+                   dispatch_w4a4_extras_bias=rel(dispatch.brq_linear(x, wp, ws, r, bias, True, **ex), yb0),
+                   fp8_weight_flushed=int(dispatch.reencode_weights_fp8(wp, ws)[2]),
+                   rotation_sign=("rotation_sign" in ex),
                    fp8_gemm=rel(gemm.w4a4_fp8(xf, xe, wp, ws), y0),
                    fp8_reference=rel(ref.brq_linear_fp8_reference(x.float(), wp, ws, r).double(), y0),
                    w4a16_on_fakequant=rel(gemm.w4a16(xd, wp, ws), y0),
+                   gemv_on_fakequant=rel(gemm.gemv(xd[:4], wp, ws), y0[:4]),
+                   gemv_asm_vs_pure_maxdiff=float((gemm.gemv(xd[:4], wp, ws, use_asm=True).float()
+                                                   - gemm.gemv(xd[:4], wp, ws, use_asm=False).float()).abs().max()),
                    dispatch_w4a4=rel(dispatch.brq_linear(x, wp, ws, r, None, True), y0),
                    dispatch_w4a16=rel(dispatch.brq_linear(x, wp, ws, r, None, False),
                                       ref.brq_linear_reference(x.float(), wp, ws, r, None, False).double()))
         res[key] = row
-        log(key, {k: f"{v:.2e}" for k, v in row.items()})
+        log(key, {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
     return res
 
 
@@ -139,12 +164,14 @@ def bench(log, only=None):
     for M, K in ((8192, 14336), (8192, 4096), (1, 14336)):
         x = outlier_x(M, K, gen)
         r = block_rotation(K, 32, 0, "b", shared=True).float().cuda()
+        rp = aq.Rotation.prepare(r)
         c = torch.empty_like(x)
         base = graph_time([lambda: c.copy_(x)])
-        for mode, mname, obytes in ((aq.MODE_FP8, "fp8", 1.0), (aq.MODE_MXFP4, "mxfp4", 0.5 + 1 / 32),
+        for mode, mname, obytes in ((aq.MODE_FP8, "fp8", 1.0 + 8 / K), (aq.MODE_MXFP4, "mxfp4", 0.5 + 1 / 32),
                                     (aq.MODE_DEQUANT, "dequant", 2.0)):
-            for rname, rr in (("none", None), ("r32", r)):
-                ms = graph_time([lambda: aq.quantize_activation(x, rr, mode)])
+            for rname, rr in (("none", None), ("r32", r), ("r32sign", rp)):
+                kw = dict(with_scale=True) if mode == aq.MODE_FP8 else {}
+                ms = graph_time([lambda: aq.quantize_activation(x, rr, mode, **kw)])
                 gbs = M * K * (2 + obytes) / ms / 1e6
                 rows.append(dict(op=f"act_quant_{mname}_rot_{rname}", M=M, N=0, K=K, backend="triton", ms=ms,
                                  bf16_ms=None, ratio_vs_bf16=None, copy_ms=base, GBps=gbs,
@@ -156,14 +183,15 @@ def bench(log, only=None):
         w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
         wp, ws = mxfp4.quantize(w)
         wb = mxfp4.dequantize(wp, ws, torch.bfloat16)
-        w8 = wb.to(torch.float8_e4m3fn)  # not a faithful encoding; timing only
-        sw8 = torch.ones(1, N, device="cuda")
-        del w
         r = block_rotation(K, 32, 0, "b", shared=True).float().cuda() if shape == "down" else None
+        ex = dispatch.prepare_extras(wp, ws, r)
+        w8, sw8 = ex["weight_fp8"], ex["weight_fp8_scale"]  # the faithful FP8 re-encoding
+        del w
         for M in MS:
             x = outlier_x(M, K, gen)
             packed_bytes = wp.numel() + ws.numel()
             n4 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (packed_bytes + x.numel() * 2))))
+            n48 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (packed_bytes + w8.numel() + x.numel() * 2))))
             n16 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (wb.numel() * 2 + x.numel() * 2))))
             n8 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (wb.numel() + x.numel()))))
             wps = [(wp.clone(), ws.clone()) for _ in range(n4)]
@@ -178,18 +206,24 @@ def bench(log, only=None):
                     x8, wi.t(), scale_a=sx8, scale_b=sw8, out_dtype=torch.bfloat16) for wi in w8s])
             except RuntimeError as exc:  # cuBLAS rowwise FP8 refuses some shapes (e.g. M=1)
                 log("scaled_mm failed", shape, M, str(exc)[:120])
-            t["brq_w4a4"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True) for p, s in wps])
+            exs = [(wp.clone(), ws.clone(), {k: v.clone() for k, v in ex.items()}) for _ in range(n48)]
+            t["brq_w4a4"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e)
+                                        for p, s, e in exs])
+            del exs
+            if M in (16, 1024):  # BRQ_FP8_WEIGHTS=0: packed weights only (in-register FP8 kernel)
+                t["brq_w4a4_packed_only"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True)
+                                                        for p, s in wps])
             t["brq_w4a16"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, None, None, False) for p, s in wps])
-            if M > dispatch.SMALL_M:
-                xf, xe = aq.quantize_activation(x, r, aq.MODE_FP8)
-                t["brq_w4a4_gemm_only_fp8"] = graph_time([lambda p=p, s=s: gemm.w4a4_fp8(xf, xe, p, s) for p, s in wps])
-            xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
-            t["brq_w4a16_gemm_only"] = graph_time([lambda p=p, s=s: gemm.w4a16(xd, p, s) for p, s in wps])
+            if M <= gemm.GEMV_MAX_M:
+                xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
+                t["brq_gemv_only"] = graph_time([lambda p=p, s=s: gemm.gemv(xd, p, s) for p, s in wps])
             for backend, ms in t.items():
                 row = dict(op=shape, M=M, N=N, K=K, backend=backend, ms=ms, bf16_ms=bf16_ms,
                            ratio_vs_bf16=bf16_ms / ms)
                 if M <= 16:
                     nbytes = {"cublas_bf16": wb.numel() * 2, "scaled_mm_fp8_rowwise": wb.numel()}.get(backend, packed_bytes)
+                    if backend == "brq_w4a4" and M > gemm.GEMV_MAX_M:
+                        nbytes = w8.numel()  # FP8 weight copy
                     row["weight_GBps"] = nbytes / ms / 1e6
                     row["frac_of_copy_bw"] = row["weight_GBps"] / copy_gbs
                 rows.append(row)

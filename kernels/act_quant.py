@@ -22,6 +22,8 @@ last ulp, which flips a code only when a value lands exactly on a rounding bound
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -33,18 +35,37 @@ MODE_FP8 = 2
 
 @triton.jit
 def _rotate(x, r_ptr, offs_nb, offs_i, K_BLOCK0, R_BSTRIDE: tl.constexpr, BM: tl.constexpr,
-            NB: tl.constexpr, HAS_R: tl.constexpr, ROT_PRECISION: tl.constexpr):
-    """[NB, BM, 32] float32 -> x @ R per 32-block (R shared when R_BSTRIDE == 0)."""
+            NB: tl.constexpr, HAS_R: tl.constexpr, ROT_PRECISION: tl.constexpr,
+            SIGN: tl.constexpr = False, rs_ptr=None):
+    """[NB, BM, 32] (x's dtype) -> float32 x @ R per 32-block (R shared when R_BSTRIDE == 0).
+
+    SIGN: every entry of R has the magnitude c = |R[0, 0]|; rs_ptr holds R / c (exactly +-1)
+    in x's dtype, so x @ (R/c) is one 16-bit tensor-core dot with float32 accumulation
+    (each product exact), then * c in float32. Otherwise R is float32 and the dot runs in
+    ROT_PRECISION (tf32x3 ~ float32)."""
     if HAS_R:
-        if R_BSTRIDE == 0:
-            r = tl.load(r_ptr + offs_i[:, None] * 32 + offs_i[None, :])
-            y = tl.dot(tl.reshape(x, [NB * BM, 32]), r, input_precision=ROT_PRECISION)
-            x = tl.reshape(y, [NB, BM, 32])
+        if SIGN:
+            c = tl.abs(tl.load(r_ptr).to(tl.float32))
+            if R_BSTRIDE == 0:
+                r = tl.load(rs_ptr + offs_i[:, None] * 32 + offs_i[None, :])
+                y = tl.dot(tl.reshape(x.to(r.dtype), [NB * BM, 32]), r, out_dtype=tl.float32,
+                           input_precision=ROT_PRECISION)
+                x = tl.reshape(y, [NB, BM, 32]) * c
+            else:
+                rb = (K_BLOCK0 + offs_nb)[:, None, None] * R_BSTRIDE
+                r = tl.load(rs_ptr + rb + offs_i[None, :, None] * 32 + offs_i[None, None, :])
+                x = tl.dot(x.to(r.dtype), r, out_dtype=tl.float32, input_precision=ROT_PRECISION) * c
         else:
-            rb = (K_BLOCK0 + offs_nb)[:, None, None] * R_BSTRIDE
-            r = tl.load(r_ptr + rb + offs_i[None, :, None] * 32 + offs_i[None, None, :])
-            x = tl.dot(x, r, input_precision=ROT_PRECISION)
-    return x
+            x = x.to(tl.float32)
+            if R_BSTRIDE == 0:
+                r = tl.load(r_ptr + offs_i[:, None] * 32 + offs_i[None, :])
+                y = tl.dot(tl.reshape(x, [NB * BM, 32]), r, input_precision=ROT_PRECISION)
+                x = tl.reshape(y, [NB, BM, 32])
+            else:
+                rb = (K_BLOCK0 + offs_nb)[:, None, None] * R_BSTRIDE
+                r = tl.load(r_ptr + rb + offs_i[None, :, None] * 32 + offs_i[None, None, :])
+                x = tl.dot(x, r, input_precision=ROT_PRECISION)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -77,9 +98,24 @@ def e2m1_bits(code):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+def _fp8_values(code, d):
+    """E2M1 code, block exponent minus row exponent d (<= 0) -> float32 E2M1 * 2^(d + 6),
+    0 for d < -14 (flushed); exact in e4m3."""
+    v = e2m1_bits(code).to(tl.float32, bitcast=True)
+    return tl.where((d >= -14)[:, :, None], v * _pow2(tl.maximum(d, -14) + 6)[:, :, None], 0.0)
+
+
+@triton.jit
+def _row_scale(erow):
+    """2^(erow - 6) in float32 (subnormal below 2^-126, exact), for the FP8 GEMM's scale_a."""
+    e = erow - 6
+    return tl.where(e >= -126, _pow2(tl.maximum(e, -126)), _pow2(tl.maximum(e, -126) + 64) * (2.0 ** -64))
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                       R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, MODE: tl.constexpr,
-                      BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr):
+                      BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = pid * BM + tl.arange(0, BM)
     if MODE == 2:  # the row exponent needs the whole row: one program walks all of K
@@ -97,16 +133,16 @@ def _act_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, st
         for k0 in range(0, K, NB * 32):
             cols = k0 + offs_nb[:, None, None] * 32 + offs_i[None, None, :]
             msk = row_ok & (cols < K)
-            x = tl.load(x_rows + cols, mask=msk, other=0.0).to(tl.float32)
-            y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION)
+            x = tl.load(x_rows + cols, mask=msk, other=0.0)
+            y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
             rowmax = tl.maximum(rowmax, tl.max(tl.max(tl.abs(y), axis=2), axis=0))
         erow = _block_exponent(rowmax)
         tl.store(s_ptr + offs_m, erow, mask=offs_m < M)
     for k0 in range(k_lo, k_hi, NB * 32):
         cols = k0 + offs_nb[:, None, None] * 32 + offs_i[None, None, :]
         msk = row_ok & (cols < K)
-        x = tl.load(x_rows + cols, mask=msk, other=0.0).to(tl.float32)
-        y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION)
+        x = tl.load(x_rows + cols, mask=msk, other=0.0)
+        y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
         e = _block_exponent(tl.max(tl.abs(y), axis=2))  # [NB, BM]
         a = y * _pow2(-e)[:, :, None]
         idx = _e2m1_index(tl.abs(a))
@@ -126,57 +162,147 @@ def _act_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, st
             tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols,
                      v.to(q_ptr.dtype.element_ty), mask=msk)
         else:
-            d = e - erow[None, :]  # [NB, BM], <= 0
-            v = e2m1_bits(code).to(tl.float32, bitcast=True)
-            v = tl.where((d >= -14)[:, :, None], v * _pow2(tl.maximum(d, -14) + 6)[:, :, None], 0.0)
+            v = _fp8_values(code, e - erow[None, :])
             tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols,
                      v.to(tl.float8e4nv), mask=msk)
 
 
-def _rotation_operand(input_rotation: torch.Tensor | None, K: int, device) -> tuple[torch.Tensor | None, int]:
-    """(float32 contiguous R, stride between blocks: 0 for one shared [32, 32] block)."""
+@triton.jit
+def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
+                              HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
+                              ROT_PRECISION: tl.constexpr):
+    """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
+    registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
+    registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_nb = tl.arange(0, NBP)
+    offs_i = tl.arange(0, 32)
+    cols = offs_nb[:, None, None] * 32 + offs_i[None, None, :]
+    msk = (offs_m < M)[None, :, None] & (cols < K)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols, mask=msk, other=0.0)
+    y = _rotate(x, r_ptr, offs_nb, offs_i, 0, 0, BM, NBP, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
+    e = _block_exponent(tl.max(tl.abs(y), axis=2))  # [NBP, BM]
+    erow = tl.max(e, axis=0)  # [BM]
+    a = y * _pow2(-e)[:, :, None]
+    idx = _e2m1_index(tl.abs(a))
+    code = idx | ((a < 0) & (idx > 0)).to(tl.int32) << 3
+    v = _fp8_values(code, e - erow[None, :])
+    tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols, v.to(tl.float8e4nv), mask=msk)
+    tl.store(e_ptr + offs_m, erow, mask=offs_m < M)
+    tl.store(sc_ptr + offs_m, _row_scale(erow), mask=offs_m < M)
+
+
+class Rotation:
+    """A rotation prepared once for the kernels (no device sync at call time).
+
+    `r` is the float32 R ([32, 32] shared or [K/32, 32, 32]); `sign`, when every entry of R
+    has one magnitude c (randomized Hadamard: c = 2^-2.5), is R/c (+-1) in bf16/fp16 and
+    the kernels rotate with one 16-bit tensor-core dot, then * c (c is read from r)."""
+
+    def __init__(self, r: torch.Tensor, sign: torch.Tensor | None = None):
+        self.r = r
+        self.sign = sign
+
+    @staticmethod
+    def prepare(input_rotation: torch.Tensor, dtype=torch.bfloat16, allow_sign: bool = True) -> "Rotation":
+        """Checks the entries (a device sync: call at load time, not under graph capture)."""
+        r = input_rotation.to(dtype=torch.float32).contiguous()
+        sign = None
+        if allow_sign and r.numel():
+            c = r.reshape(-1)[0].abs()
+            if c > 0 and bool(torch.all(r.abs() == c)):
+                sign = (r / c).to(dtype).contiguous()
+        return Rotation(r, sign)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _rotation_operand(input_rotation, K: int, device, x_dtype):
+    """(float32 R, +-1 R/c in the dot dtype or None, stride between blocks: 0 when shared)."""
     if input_rotation is None:
-        return None, 0
-    r = input_rotation.to(device=device, dtype=torch.float32).contiguous()
+        return None, None, 0
+    if isinstance(input_rotation, Rotation):
+        r, sign = input_rotation.r, input_rotation.sign
+        if r.device != device:
+            r = r.to(device)
+            sign = sign.to(device) if sign is not None else None
+    else:
+        r, sign = input_rotation.to(device=device, dtype=torch.float32).contiguous(), None
+    if sign is not None:
+        # the interpreter's 16-bit dot is not faithful (triton 3.9): float32 there, exact too
+        want = torch.float32 if _interpreting() else x_dtype
+        if sign.dtype != want:
+            sign = sign.to(want)
     if r.dim() == 2 and r.shape == (32, 32):
-        return r, 0
+        return r, sign, 0
     if r.dim() == 3 and r.shape == (K // 32, 32, 32):
-        return r, 32 * 32
+        return r, sign, 32 * 32
     raise ValueError(f"fused rotation takes [32, 32] or [K/32, 32, 32], got {tuple(r.shape)}")
 
 
-def fusable_rotation(input_rotation: torch.Tensor | None, K: int) -> bool:
+def fusable_rotation(input_rotation, K: int) -> bool:
     """Whether the kernel can fuse this rotation (32-blocks); others are applied beforehand."""
     if input_rotation is None:
         return True
+    if isinstance(input_rotation, Rotation):
+        input_rotation = input_rotation.r
     shape = tuple(input_rotation.shape)
     return shape == (32, 32) or shape == (K // 32, 32, 32)
 
 
-def quantize_activation(x: torch.Tensor, input_rotation: torch.Tensor | None = None,
-                        mode: int = MODE_MXFP4, block_m: int = 16, nb: int | None = None,
-                        num_warps: int = 4, rot_precision: str = "tf32x3"):
+ROW_KERNEL_MAX_K = 16384  # MODE_FP8 one-pass (whole rows in registers) up to this K
+
+
+def quantize_activation(x: torch.Tensor, input_rotation=None,
+                        mode: int = MODE_MXFP4, block_m: int | None = None, nb: int | None = None,
+                        num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
+                        with_scale: bool = False):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
-    fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])."""
+    fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
+    (+ float32 row scales 2^(E-6) [M, 1] with `with_scale`, one-pass kernel only).
+    `input_rotation`: None, a tensor, or a `Rotation` (sign-matrix fast path)."""
     M, K = x.shape
     if K % 32:
         raise ValueError(f"activation quantization needs K % 32 == 0, got {K}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    r, r_bstride = _rotation_operand(input_rotation, K, x.device)
-    if mode == MODE_MXFP4:
-        q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
-        s = torch.empty(M, K // 32, dtype=torch.uint8, device=x.device)
-    elif mode == MODE_DEQUANT:
-        q = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        s = q  # unused
-    else:
+    r, sign, r_bstride = _rotation_operand(input_rotation, K, x.device, x.dtype)
+    rs = sign if sign is not None else x
+    if sign is not None and sign.dtype == torch.float32:
+        rot_precision = "ieee"
+    if mode == MODE_FP8:
         q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
         s = torch.empty(M, dtype=torch.int32, device=x.device)
-    nb = nb or (8 if mode == MODE_FP8 else 4)
+        if row_kernel is None:
+            row_kernel = K <= ROW_KERNEL_MAX_K and r_bstride == 0
+        if row_kernel:
+            sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+            nbp = triton.next_power_of_2(K // 32)
+            # measured on H100 (8192 rows): K=14336 best at 1 row / 8 warps, K=4096 at 2 rows / 4 warps
+            bm = block_m or max(1 if nbp >= 256 else 2, 16 // nbp)
+            warps = num_warps or (8 if nbp >= 256 else 4)
+            _act_quant_fp8_row_kernel[(triton.cdiv(M, bm),)](
+                x, r if r is not None else x, rs, q, s, sc, M, K, x.stride(0), q.stride(0),
+                HAS_R=r is not None, SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision,
+                num_warps=warps)
+            return (q, s, sc) if with_scale else (q, s)
+        if with_scale:
+            raise ValueError("with_scale needs the one-pass FP8 kernel (K <= 16384, shared rotation)")
+    elif mode == MODE_MXFP4:
+        q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
+        s = torch.empty(M, K // 32, dtype=torch.uint8, device=x.device)
+    else:
+        q = torch.empty(M, K, dtype=x.dtype, device=x.device)
+        s = q  # unused
+    if block_m is None:
+        block_m = 16 if mode == MODE_FP8 or M > 16 or r_bstride else triton.next_power_of_2(M)
+    nb = nb or (8 if mode == MODE_FP8 else max(4, 16 // block_m))
     grid = (triton.cdiv(M, block_m), 1 if mode == MODE_FP8 else triton.cdiv(K, nb * 32))
     _act_quant_kernel[grid](
-        x, r if r is not None else x, q, s, M, K, x.stride(0), q.stride(0),
+        x, r if r is not None else x, rs, q, s, M, K, x.stride(0), q.stride(0),
         s.stride(0) if s.dim() == 2 else 1,
         R_BSTRIDE=r_bstride, HAS_R=r is not None, MODE=mode, BM=block_m, NB=nb,
-        ROT_PRECISION=rot_precision, num_warps=num_warps)
+        ROT_PRECISION=rot_precision, SIGN=sign is not None, num_warps=num_warps or 4)
     return q if mode == MODE_DEQUANT else (q, s)

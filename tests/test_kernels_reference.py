@@ -70,3 +70,28 @@ def test_cpu_dispatch_is_the_reference():
         for qa in (True, False):
             assert torch.equal(dispatch.brq_linear(x, wp, ws, r, b, qa), ref.brq_linear_reference(x, wp, ws, r, b, qa))
     assert dispatch.prepare_weights(wp, ws)[0] is wp
+
+
+def test_fp8_weight_reencoding_matches_reference_and_counts_flushes():
+    g, seed = _gen()
+    w = torch.randn(37, 256, generator=g) * 0.02
+    w[3, :32] *= 2.0 ** -16  # one block 15+ binades under its row's largest: flushed
+    wp, ws = mxfp4.quantize(w)
+    w8, scale, flushed = dispatch.reencode_weights_fp8(wp, ws, rows_per_chunk=8)
+    vals, erow = ref.fp8_reencode_reference(wp, ws)
+    assert torch.equal(w8.float(), vals), seed
+    assert scale.shape == (1, 37) and torch.equal(scale[0], torch.exp2((erow - ref.FP8_TOP).float())), seed
+    assert flushed == int(((ws.int() - 127 - erow[:, None]) < -ref.FP8_RANGE).sum()) >= 1, seed
+    # the FP8 product with these operands is the exact MXFP4 product away from the flushed block
+    x = _outlier_x(g, 5, 256)
+    xa, ea = ref.fp8_reencode_reference(*ref.quantize_activation_reference(x, None))
+    y = (xa.double() @ w8.double().t()) * torch.exp2((ea - 6).double())[:, None] * scale.double()
+    keep = torch.ones(37, dtype=torch.bool)
+    keep[3] = False
+    y0 = ref.brq_linear_reference(x, wp, ws, None, None, True).double()
+    assert ((y - y0)[:, keep].norm() / y0[:, keep].norm()) < 1e-6, seed
+
+
+def test_prepare_extras_is_empty_on_cpu():
+    wp, ws = mxfp4.quantize(torch.randn(8, 64))
+    assert dispatch.prepare_extras(wp, ws, block_rotation(64, 32, 1, "a", shared=True)) == {}

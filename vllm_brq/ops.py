@@ -7,7 +7,9 @@ reference, Triton), and keeps graph breaks out of the compiled model.
 
 Ops:
 - ``brq::mxfp4_linear(x, weight_packed, weight_scale, input_rotation?, bias?, quantize_activations)``:
-  y = Q(x R) W^T + b with an MXFP4 weight (calls ``kernels.dispatch.brq_linear``).
+  y = Q(x R) W^T + b with an MXFP4 weight (calls ``kernels.dispatch.brq_linear``); the
+  optional ``weight_fp8, weight_fp8_scale, rotation_sign`` come from
+  ``dispatch.prepare_extras`` at load time (CUDA fast paths; absent on CPU).
 - ``brq::rotated_linear(x, weight, input_rotation?, bias?, quantize_activations)``:
   the same with a dense weight, for ``--quantizer none`` checkpoints (rotated weights in
   the source dtype).
@@ -30,7 +32,8 @@ _LIB = torch.library.Library("brq", "FRAGMENT")
 
 _LIB.define(
     "mxfp4_linear(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? input_rotation, "
-    "Tensor? bias, bool quantize_activations) -> Tensor"
+    "Tensor? bias, bool quantize_activations, Tensor? weight_fp8=None, Tensor? weight_fp8_scale=None, "
+    "Tensor? rotation_sign=None) -> Tensor"
 )
 _LIB.define(
     "rotated_linear(Tensor x, Tensor weight, Tensor? input_rotation, Tensor? bias, "
@@ -38,8 +41,10 @@ _LIB.define(
 )
 
 
-def _mxfp4_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations):
-    return dispatch.brq_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations)
+def _mxfp4_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
+                  weight_fp8=None, weight_fp8_scale=None, rotation_sign=None):
+    return dispatch.brq_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
+                               weight_fp8, weight_fp8_scale, rotation_sign)
 
 
 def _rotated_linear(x, weight, input_rotation, bias, quantize_activations):
