@@ -210,7 +210,7 @@ def bench(log, only=None):
             t["brq_w4a4"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e)
                                         for p, s, e in exs])
             del exs
-            if M in (16, 1024):  # BRQ_FP8_WEIGHTS=0: packed weights only (in-register FP8 kernel)
+            if M == 1024:  # BRQ_FP8_WEIGHTS=0: packed weights only (in-register FP8 kernel)
                 t["brq_w4a4_packed_only"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True)
                                                         for p, s in wps])
             t["brq_w4a16"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, None, None, False) for p, s in wps])
