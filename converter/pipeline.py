@@ -15,7 +15,6 @@ chunk's intermediate activations.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import vllm_brq
 from vllm_brq import format as fmt
 from vllm_brq import mxfp4
 from vllm_brq.hf_reference import ReferenceLinear
@@ -219,15 +219,16 @@ def quantization_config(opts: Options, report: Report) -> dict:
     if opts.quantizer == "gptq":
         quantizer.update(block_size=128, damp=0.01, act_order=True, static_groups=True,
                          scale_search=opts.scale_search, calibration=report.calibration)
-    version = importlib.metadata.version("vllm-brq")
     return fmt.build_config(activation_format=opts.activations, rotation=rotation,
-                            quantizer=quantizer, converter=f"vllm-brq {version}")
+                            quantizer=quantizer, converter=f"vllm-brq {vllm_brq.__version__}")
 
 
-def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None = None) -> Report:
+def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None = None,
+        ids: torch.Tensor | None = None) -> Report:
     """Fuse, rotate and quantize ``model`` in memory (CPU-resident between layers).
 
-    ``max_layers`` stops after that many decoder layers (tests inspect a few layers)."""
+    ``max_layers`` stops after that many decoder layers (tests inspect a few layers);
+    ``ids`` [nsamples, seqlen] replaces the calibration text (benchmarks)."""
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = arch.dims(model.config)
     rot = fuse.build_rotations(opts.rotation, d, opts.rotation_block_size, opts.seed, *opts.rotated)
@@ -235,9 +236,11 @@ def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None 
     layers = model.model.layers[: max_layers or d.layers]
     hidden = kwargs = None
     if opts.quantizer == "gptq":
-        text, source = calibration.load_text(opts.calib, opts.calib_file)
-        ids = calibration.token_windows(tokenizer, text, opts.nsamples, opts.seqlen)
-        report.calibration = {"source": source, "nsamples": opts.nsamples, "seqlen": opts.seqlen}
+        source = "token ids"
+        if ids is None:
+            text, source = calibration.load_text(opts.calib, opts.calib_file)
+            ids = calibration.token_windows(tokenizer, text, opts.nsamples, opts.seqlen)
+        report.calibration = {"source": source, "nsamples": ids.shape[0], "seqlen": ids.shape[1]}
         hidden, kwargs = capture_inputs(model, ids, device)
     act = opts.activations == "mxfp4"
     for i, layer in enumerate(tqdm(layers, desc="layers", unit="layer")):
