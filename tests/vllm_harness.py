@@ -95,7 +95,7 @@ class Server:
     SIGINT (then SIGTERM, then SIGKILL) and waited for."""
 
     def __init__(self, model: Path | str, *extra: str, max_model_len: int = 512, timeout: float = 420,
-                 log: Path | None = None):
+                 log: Path | None = None, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # the real `vllm` command when installed (the CPU install aliases its metadata)
@@ -106,7 +106,8 @@ class Server:
                "--seed", "0", *extra]
         self.log_path = log or Path(str(model).rstrip("/") + f".server-{self.port}.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
