@@ -71,6 +71,7 @@ def test_act_order_is_deterministic():
     assert torch.equal(_gptq(x).quantize(w), _gptq(x).quantize(w))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rotation", ["block", "none"])
 def test_gptq_beats_rtn_on_smollm2_layers(smollm2_dir, austen_dir, rotation):
     """||X W^T - X Q^T|| of GPTQ < RTN for every linear of the first two SmolLM2 layers,
