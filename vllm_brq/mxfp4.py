@@ -53,12 +53,14 @@ def block_exponents(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
 
 def round_to_e2m1(a: torch.Tensor) -> torch.Tensor:
     """Round float32 values (already divided by their block scale) onto the E2M1 grid:
-    nearest, ties to even, saturating at +-6 (microxcaling's elementwise quantizer)."""
+    nearest, ties to even, saturating at +-6 (microxcaling's elementwise quantizer).
+
+    E2M1 has one mantissa bit and minimum normal exponent 0, so the grid spacing is 0.5
+    below 2, 1 in [2, 4) and 2 from 4 on; torch.round is half-to-even, which is the
+    hardware's tie rule (ties land on the even code)."""
     mag = a.abs()
-    _, exp = torch.frexp(mag)
-    private = (exp - 1).clamp(min=0).to(torch.float32)  # E2M1 has min normal exponent 0
-    step = torch.exp2(private - 1)  # 1 mantissa bit: spacing 2^(e-1), 0.5 below 1
-    q = torch.round(mag / step) * step  # torch.round is half-to-even
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+    q = torch.round(mag / step) * step  # dividing by a power of two is exact
     return torch.copysign(q.clamp(max=E2M1_MAX), a)
 
 
