@@ -154,7 +154,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         raise ConvertError(f"{out} exists and is not a directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~writer.umask())  # mkdtemp makes it private; OUT is an ordinary folder
+        return tmp
     except OSError as e:
         raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
 

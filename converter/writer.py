@@ -7,6 +7,7 @@ byte-identical files (no timestamps, no paths of temporary folders).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -33,8 +34,16 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(sorted(tensors.items()))
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_checkpoint(folder: Path, model: nn.Module, src: Path, qcfg: dict, card: str) -> None:
-    save_file(state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    weights = folder / "model.safetensors"
+    save_file(state_dict(model), str(weights), metadata={"format": "pt"})
+    weights.chmod(0o666 & ~umask())  # safetensors creates it owner-only
     cfg = model.config.to_dict()
     cfg.pop("_name_or_path", None)
     cfg["quantization_config"] = qcfg

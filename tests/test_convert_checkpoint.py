@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ CALIB = dict(nsamples=4, seqlen=64, device="cpu")
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory, smollm2_dir) -> Path:
     return tiny_models.build("qwen2", tmp_path_factory.mktemp("src") / "qwen2", smollm2_dir)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -50,6 +57,8 @@ def test_gptq_checkpoint_follows_format_v1(tmp_path, qwen2, austen_dir):
             else:
                 assert fmt.INPUT_ROTATION not in parts
     assert tensors["model.norm.weight"].eq(1).all() and "lm_head.weight" in tensors
+    assert (out.stat().st_mode & 0o077) == (0o777 & ~_umask() & 0o077)  # not mkdtemp's private mode
+    assert ((out / "model.safetensors").stat().st_mode & 0o044) == (0o666 & ~_umask() & 0o044)
     card = (out / "README.md").read_text()
     assert "brq-convert" in card and "persuasion.txt" in card and "--scale-search" in card
 
