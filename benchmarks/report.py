@@ -1,0 +1,46 @@
+"""Markdown tables for the README from the committed results files (no GPU needed).
+
+    python benchmarks/report.py kernels benchmarks/results/kernels-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SHAPES = ("qkv", "o", "gate_up", "down")
+
+
+def kernels_table(path: Path) -> str:
+    """W4A4 (and FP8 cuBLAS) time as a ratio to bf16 cuBLAS, per Llama-3-8B shape and M."""
+    d = json.loads(path.read_text())
+    rows = [r for r in d["rows"] if r["op"] in SHAPES]
+    ms = sorted({r["M"] for r in rows})
+    lines = [f"{d['device']}, torch {d['torch']}, triton {d['triton']}, {d['date'][:10]}; "
+             "speed-up over cuBLAS bf16 (higher is better), same run:", "",
+             "| shape (N x K) | backend | " + " | ".join(f"M={m}" for m in ms) + " |",
+             "| --- | --- |" + " --- |" * len(ms)]
+    for op in SHAPES:
+        for backend, label in (("brq_w4a4", "brq W4A4"), ("brq_w4a16", "brq W4A16"),
+                               ("scaled_mm_fp8_rowwise", "FP8 cuBLAS (ref.)")):
+            cells = {r["M"]: r for r in rows if r["op"] == op and r["backend"] == backend}
+            if not cells:
+                continue
+            any_row = next(iter(cells.values()))
+            shape = f"{op} ({any_row['N']}x{any_row['K']})"
+            vals = [f"{cells[m]['ratio_vs_bf16']:.2f}x" if m in cells else "-" for m in ms]
+            lines.append(f"| {shape} | {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=["kernels"])
+    p.add_argument("path", type=Path)
+    args = p.parse_args(argv)
+    print(kernels_table(args.path))
+
+
+if __name__ == "__main__":
+    main()
