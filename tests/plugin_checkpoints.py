@@ -43,10 +43,11 @@ def quantization_config(activation_format: str = "mxfp4", quantizer: str = "rtn"
 
 
 def brq_checkpoint(src: Path, out: Path, activation_format: str = "mxfp4", quantizer: str = "rtn",
-                   qkv_rotation: bool = False) -> Path:
+                   qkv_rotation: bool = False, shared_r4: bool = True) -> Path:
     """RTN (or ``quantizer="none"``: rotated fp weights) BRQ checkpoint of ``src``.
     ``qkv_rotation`` also gives q/k/v one per-block [in/32, 32, 32] rotation per layer
-    (identical copies, as vLLM fuses them), the general form the outlier-aware mode writes."""
+    (identical copies, as vLLM fuses them), the general form the outlier-aware mode writes;
+    ``shared_r4=False`` stores R4 per block, which row-parallel shards must slice."""
     tensors = load_file(src / "model.safetensors")
     result = {}
     for key, t in tensors.items():
@@ -58,7 +59,7 @@ def brq_checkpoint(src: Path, out: Path, activation_format: str = "mxfp4", quant
         parent, _, leaf = prefix.rpartition(".")
         r = None
         if leaf == "down_proj":
-            r = block_rotation(w.shape[1], 32, seed=0, stream=f"r4.{prefix}", shared=True)
+            r = block_rotation(w.shape[1], 32, seed=0, stream=f"r4.{prefix}", shared=shared_r4)
         elif qkv_rotation and leaf in ("q_proj", "k_proj", "v_proj"):
             r = block_rotation(w.shape[1], 32, seed=0, stream=f"qkv.{parent}")
         if r is not None:

@@ -37,10 +37,14 @@ def _convert(src):
 
 
 @pytest.mark.slow
-def test_tp2_matches_tp1(root, smollm2_dir):
+@pytest.mark.parametrize("kind", ["brq-convert", "per-block R4"])
+def test_tp2_matches_tp1(root, smollm2_dir, kind):
+    """brq-convert's shared [32, 32] R4 is replicated; a per-block [in/32, 32, 32] R4 is
+    sliced to each row-parallel shard."""
     from transformers import AutoTokenizer
 
-    ckpt = _convert(pc.tiny_llama(root / "tiny", smollm2_dir))
+    src = pc.tiny_llama(root / kind.replace(" ", "-"), smollm2_dir)
+    ckpt = _convert(src) if kind == "brq-convert" else pc.brq_checkpoint(src, root / "per-block", shared_r4=False)
     ids = AutoTokenizer.from_pretrained(smollm2_dir)(vh.PROMPT)["input_ids"]
     with vh.inprocess_llm(ckpt) as llm:
         tp1, _ = vh.vllm_prompt_logprobs(llm, ids, max_tokens=1)
@@ -53,7 +57,7 @@ def test_tp2_matches_tp1(root, smollm2_dir):
     plp = r.choices[0].prompt_logprobs
     tp2 = torch.tensor([plp[i][str(ids[i])]["logprob"] for i in range(1, len(ids))], dtype=torch.float64)
     err = (tp1 - tp2).abs().max().item()
-    print(f"TP=2 vs TP=1: max |logprob diff| {err:.2e}")
+    print(f"{kind}: TP=2 vs TP=1 max |logprob diff| {err:.2e}")
     assert err < 1e-4
 
 
