@@ -3,16 +3,14 @@ rotations, calibrated on the Austen novels other than Persuasion), served by `vl
 on CPU: it answers a chat prompt in English, and its perplexity on Persuasion through the
 server's prompt logprobs stays within reach of the unquantized model's.
 
-GPTQ on CPU takes minutes, so the converted checkpoint is cached under the assets folder,
-keyed by the converter's and the numerics' sources and the options (any change re-converts).
+GPTQ on CPU takes minutes, so the converted checkpoint (fixture smollm2_brq_dir) is cached
+under the assets folder, keyed by the converter's and the numerics' sources and the options.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-from pathlib import Path
 
 import pytest
 
@@ -20,28 +18,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
 import vllm_harness as vh  # noqa: E402
-from conftest import ASSETS  # noqa: E402
 
-OPTIONS = dict(quantizer="gptq", activations="mxfp4", nsamples=8, seqlen=256, dtype="float32")
 WINDOWS, SEQLEN = 3, 1024
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cache_key() -> str:
-    h = hashlib.sha256(repr(sorted(OPTIONS.items())).encode())
-    for f in sorted([*REPO.glob("converter/*.py"), *(REPO / "vllm_brq").glob("[mfr]*.py")]):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-@pytest.fixture(scope="module")
-def converted(smollm2_dir, austen_dir):
-    from vllm_brq.converter import convert
-
-    out = ASSETS / "converted" / f"smollm2-gptq-w4a4-{_cache_key()}"
-    if not (out / "config.json").exists():
-        convert(smollm2_dir, out, calib_file=str(austen_dir / "calibration.txt"), **OPTIONS)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +49,8 @@ def english_share(text: str, vocabulary: set[str]) -> float:
 
 
 @pytest.mark.slow
-def test_smollm2_w4a4_serves_english_and_keeps_perplexity(converted, windows, smollm2_dir, austen_dir):
+def test_smollm2_w4a4_serves_english_and_keeps_perplexity(smollm2_brq_dir, windows, smollm2_dir, austen_dir):
+    converted = smollm2_brq_dir
     server = vh.Server(converted, "--quantization", "brq", "--enforce-eager", max_model_len=SEQLEN + 16)
     try:
         r = server.client().chat.completions.create(
