@@ -165,11 +165,13 @@ def bench(log, only=None):
         x = outlier_x(M, K, gen)
         r = block_rotation(K, 32, 0, "b", shared=True).float().cuda()
         rp = aq.Rotation.prepare(r)
+        rpb = aq.Rotation.prepare(block_rotation(K, 32, 0, "b").float().cuda())  # per-block +-1 R
         c = torch.empty_like(x)
         base = graph_time([lambda: c.copy_(x)])
         for mode, mname, obytes in ((aq.MODE_FP8, "fp8", 1.0 + 8 / K), (aq.MODE_MXFP4, "mxfp4", 0.5 + 1 / 32),
                                     (aq.MODE_DEQUANT, "dequant", 2.0)):
-            for rname, rr in (("none", None), ("r32", r), ("r32sign", rp)):
+            rots = (("none", None), ("r32", r), ("r32sign", rp)) + ((("r32blksign", rpb),) if mode == aq.MODE_FP8 else ())
+            for rname, rr in rots:
                 kw = dict(with_scale=True) if mode == aq.MODE_FP8 else {}
                 ms = graph_time([lambda: aq.quantize_activation(x, rr, mode, **kw)])
                 gbs = M * K * (2 + obytes) / ms / 1e6

@@ -22,6 +22,7 @@ last ulp, which flips a code only when a value lands exactly on a rounding bound
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -170,27 +171,126 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
 @triton.jit
 def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                               HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                              ROT_PRECISION: tl.constexpr):
+                              ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True):
     """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
     registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
     registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6)."""
-    pid = tl.program_id(0)
-    offs_m = pid * BM + tl.arange(0, BM)
-    offs_nb = tl.arange(0, NBP)
-    offs_i = tl.arange(0, 32)
-    cols = offs_nb[:, None, None] * 32 + offs_i[None, None, :]
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, NBP)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
     msk = (offs_m < M)[None, :, None] & (cols < K)
     x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols, mask=msk, other=0.0)
+    _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, cols, msk, M, stride_qm,
+                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST)
+
+
+@triton.jit
+def _fp8_from_rotated(y, e, erow, FAST: tl.constexpr):
+    """Rotated x [NB, BM, 32], block exponents e [NB, BM], row exponents erow [BM] -> float32
+    E2M1 * 2^(e - erow + 6), 0 for e - erow < -14 (exact in e4m3; fp8_reencode_reference).
+    FAST (round 3): round a = y / 2^e to the E2M1 grid by its spacing (0.5 below 2, 1 below 4,
+    else 2) with the float32 round-to-nearest-even magic add, clamp to +-6, add +0.0 (no -0):
+    the same values and ties as the 7-compare index, in ~10 instead of ~30 operations."""
+    a = y * _pow2(-e)[:, :, None]
+    d = e - erow[None, :]
+    if FAST:
+        m = tl.abs(a)
+        inv = tl.where(m < 2.0, 2.0, tl.where(m < 4.0, 1.0, 0.5))
+        sp = tl.where(m < 2.0, 0.5, tl.where(m < 4.0, 1.0, 2.0))
+        t = (a * inv + 12582912.0) - 12582912.0  # rint, |a * inv| < 16
+        r = tl.minimum(tl.maximum(t * sp, -6.0), 6.0) + 0.0
+        return tl.where((d >= -14)[:, :, None], r * _pow2(tl.maximum(d, -14) + 6)[:, :, None], 0.0)
+    idx = _e2m1_index(tl.abs(a))
+    code = idx | ((a < 0) & (idx > 0)).to(tl.int32) << 3
+    return _fp8_values(code, d)
+
+
+@triton.jit
+def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, cols, msk, M, stride_qm,
+                  HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
+                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr):
+    """The one-pass FP8 math on whole rows x [NBP, BM, 32] (shared by the row kernels)."""
+    offs_nb = tl.arange(0, NBP)
+    offs_i = tl.arange(0, 32)
     y = _rotate(x, r_ptr, offs_nb, offs_i, 0, 0, BM, NBP, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
     e = _block_exponent(tl.max(tl.abs(y), axis=2))  # [NBP, BM]
     erow = tl.max(e, axis=0)  # [BM]
-    a = y * _pow2(-e)[:, :, None]
-    idx = _e2m1_index(tl.abs(a))
-    code = idx | ((a < 0) & (idx > 0)).to(tl.int32) << 3
-    v = _fp8_values(code, e - erow[None, :])
+    v = _fp8_from_rotated(y, e, erow, FAST)
     tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols, v.to(tl.float8e4nv), mask=msk)
     tl.store(e_ptr + offs_m, erow, mask=offs_m < M)
     tl.store(sc_ptr + offs_m, _row_scale(erow), mask=offs_m < M)
+
+
+@triton.jit
+def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
+                                  HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
+                                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True):
+    """Round 3: the one-pass FP8 kernel made persistent (grid = a few programs per SM), with the
+    next row tile's load issued before this tile's math (register double buffering), so
+    HBM reads overlap the quantization instead of alternating with it."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_tiles = tl.cdiv(M, BM)
+    offs_r = tl.arange(0, BM)
+    cols = tl.arange(0, NBP)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+    col_ok = cols < K
+    offs_m = pid * BM + offs_r
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols,
+                mask=(offs_m < M)[None, :, None] & col_ok, other=0.0)
+    for t in range(pid, n_tiles, nprog):
+        offs_m = t * BM + offs_r
+        offs_n = offs_m + nprog * BM
+        x_next = tl.load(x_ptr + offs_n.to(tl.int64)[None, :, None] * stride_xm + cols,
+                         mask=(offs_n < M)[None, :, None] & col_ok, other=0.0)
+        _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, cols, (offs_m < M)[None, :, None] & col_ok,
+                      M, stride_qm, HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST)
+        x = x_next
+
+
+@triton.jit
+def _fp8_chunk_max_kernel(x_ptr, r_ptr, rs_ptr, pm_ptr, M, K, stride_xm, N_CHUNKS,
+                          R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+                          ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr):
+    """Two-phase FP8, phase 1 (2D grid, read-only): the largest block exponent of each
+    [BM rows, NB blocks] chunk after the rotation -> pm [M, N_CHUNKS] int32."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    pc = tl.program_id(1)
+    k0 = pc * NB * 32
+    offs_nb = tl.arange(0, NB)
+    offs_i = tl.arange(0, 32)
+    cols = k0 + offs_nb[:, None, None] * 32 + offs_i[None, None, :]
+    msk = (offs_m < M)[None, :, None] & (cols < K)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols, mask=msk, other=0.0)
+    y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
+    e = _block_exponent(tl.max(tl.abs(y), axis=2))  # [NB, BM]; padded blocks give -127
+    tl.store(pm_ptr + offs_m * N_CHUNKS + pc, tl.max(e, axis=0), mask=offs_m < M)
+
+
+@triton.jit
+def _fp8_apply_kernel(x_ptr, r_ptr, rs_ptr, pm_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm, N_CHUNKS,
+                      R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+                      NCP: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr, FAST: tl.constexpr = True):
+    """Two-phase FP8, phase 2 (2D grid): row exponent = max of the row's chunk maxima, then the
+    chunk is re-read (and re-rotated) and written as e4m3; chunk 0 writes E and 2^(E - 6)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    pc = tl.program_id(1)
+    row_in = offs_m < M
+    offs_c = tl.arange(0, NCP)
+    pm = tl.load(pm_ptr + offs_m[:, None] * N_CHUNKS + offs_c[None, :],
+                 mask=row_in[:, None] & (offs_c < N_CHUNKS)[None, :], other=-127)
+    erow = tl.max(pm, axis=1)  # [BM]
+    k0 = pc * NB * 32
+    offs_nb = tl.arange(0, NB)
+    offs_i = tl.arange(0, 32)
+    cols = k0 + offs_nb[:, None, None] * 32 + offs_i[None, None, :]
+    msk = row_in[None, :, None] & (cols < K)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols, mask=msk, other=0.0)
+    y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
+    e = _block_exponent(tl.max(tl.abs(y), axis=2))
+    v = _fp8_from_rotated(y, e, erow, FAST)
+    tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols, v.to(tl.float8e4nv), mask=msk)
+    if pc == 0:
+        tl.store(e_ptr + offs_m, erow, mask=row_in)
+        tl.store(sc_ptr + offs_m, _row_scale(erow), mask=row_in)
 
 
 class Rotation:
@@ -254,15 +354,41 @@ def fusable_rotation(input_rotation, K: int) -> bool:
 
 
 ROW_KERNEL_MAX_K = 16384  # MODE_FP8 one-pass (whole rows in registers) up to this K
+# persistent one-pass kernel, per padded row length NBP: (rows per tile, warps, programs per SM)
+PERSIST_CFG = {128: (2, 4, 2), 512: (1, 8, 2)}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_idx(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":  # the interpreter: one "SM", so a persistent program walks several tiles
+        return 1
+    return _sm_count_idx(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_fp8_impl(M: int, K: int, r_bstride: int = 0) -> str:
+    """MODE_FP8 kernel choice (round 3, H100 measurements in benchmarks/NOTES-kernels.md)."""
+    # measured (8192 rows, fast rounding): row 134/194 us (K=14336 none/+-1 R), persist 187/227,
+    # two_phase 229/293; per-block R: two_phase 418 us, walk 491
+    if K <= ROW_KERNEL_MAX_K and not r_bstride:
+        return "row"
+    return "two_phase"
 
 
 def quantize_activation(x: torch.Tensor, input_rotation=None,
                         mode: int = MODE_MXFP4, block_m: int | None = None, nb: int | None = None,
                         num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
-                        with_scale: bool = False):
+                        with_scale: bool = False, fp8_impl: str | None = None,
+                        programs_per_sm: int | None = None, fast_round: bool = True):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
-    (+ float32 row scales 2^(E-6) [M, 1] with `with_scale`, one-pass kernel only).
+    (+ float32 row scales 2^(E-6) [M, 1] with `with_scale`).
+    MODE_FP8 `fp8_impl`: 'persist' (one pass, persistent, next rows prefetched), 'row' (one
+    pass, a program per row tile), 'two_phase' (2D grid: chunk maxima, then re-read and
+    write), 'walk' (round 1: a row walk, twice); None picks `default_fp8_impl`.
     `input_rotation`: None, a tensor, or a `Rotation` (sign-matrix fast path)."""
     M, K = x.shape
     if K % 32:
@@ -275,21 +401,48 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     if mode == MODE_FP8:
         q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
         s = torch.empty(M, dtype=torch.int32, device=x.device)
-        if row_kernel is None:
-            row_kernel = K <= ROW_KERNEL_MAX_K and r_bstride == 0
-        if row_kernel:
-            sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+        if row_kernel is not None and fp8_impl is None:  # round-2 spelling
+            fp8_impl = "row" if row_kernel else "walk"
+        if fp8_impl is None:
+            fp8_impl = default_fp8_impl(M, K, r_bstride)
+        if fp8_impl in ("row", "persist") and (K > ROW_KERNEL_MAX_K or r_bstride):
+            raise ValueError("the one-pass FP8 kernels take K <= 16384 and a shared rotation")
+        sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+        args = (x, r if r is not None else x, rs)
+        if fp8_impl in ("row", "persist"):
             nbp = triton.next_power_of_2(K // 32)
-            # measured on H100 (8192 rows): K=14336 best at 1 row / 8 warps, K=4096 at 2 rows / 4 warps
-            bm = block_m or max(1 if nbp >= 256 else 2, 16 // nbp)
-            warps = num_warps or (8 if nbp >= 256 else 4)
-            _act_quant_fp8_row_kernel[(triton.cdiv(M, bm),)](
-                x, r if r is not None else x, rs, q, s, sc, M, K, x.stride(0), q.stride(0),
-                HAS_R=r is not None, SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision,
-                num_warps=warps)
+            if fp8_impl == "row":
+                # measured on H100 (8192 rows): K=14336 best at 1 row / 8 warps, K=4096 at 2 rows / 4 warps
+                bm = block_m or max(1 if nbp >= 256 else 2, 16 // nbp)
+                warps = num_warps or (8 if nbp >= 256 else 4)
+                grid = (triton.cdiv(M, bm),)
+                kern = _act_quant_fp8_row_kernel
+            else:
+                bm = block_m or PERSIST_CFG.get(nbp, (max(1, 16 // nbp), 4, 2))[0]
+                warps = num_warps or PERSIST_CFG.get(nbp, (1, 4, 2))[1]
+                per_sm = programs_per_sm or PERSIST_CFG.get(nbp, (1, 4, 2))[2]
+                grid = (max(1, min(triton.cdiv(M, bm), per_sm * _sm_count(x.device))),)
+                kern = _act_quant_fp8_persist_kernel
+            kern[grid](*args, q, s, sc, M, K, x.stride(0), q.stride(0), HAS_R=r is not None,
+                       SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, FAST=fast_round,
+                       num_warps=warps)
             return (q, s, sc) if with_scale else (q, s)
+        if fp8_impl == "two_phase":
+            bm = block_m or (16 if M > 16 else triton.next_power_of_2(M))
+            nb = nb or max(4, 64 // bm)
+            n_chunks = triton.cdiv(K, nb * 32)
+            pm = torch.empty(M, n_chunks, dtype=torch.int32, device=x.device)
+            grid = (triton.cdiv(M, bm), n_chunks)
+            kw = dict(R_BSTRIDE=r_bstride, HAS_R=r is not None, BM=bm, NB=nb, ROT_PRECISION=rot_precision,
+                      SIGN=sign is not None, num_warps=num_warps or 4)
+            _fp8_chunk_max_kernel[grid](*args, pm, M, K, x.stride(0), n_chunks, **kw)
+            _fp8_apply_kernel[grid](*args, pm, q, s, sc, M, K, x.stride(0), q.stride(0), n_chunks,
+                                    NCP=triton.next_power_of_2(n_chunks), FAST=fast_round, **kw)
+            return (q, s, sc) if with_scale else (q, s)
+        if fp8_impl != "walk":
+            raise ValueError(f"unknown fp8_impl {fp8_impl!r}")
         if with_scale:
-            raise ValueError("with_scale needs the one-pass FP8 kernel (K <= 16384, shared rotation)")
+            raise ValueError("with_scale needs the one-pass or two-phase FP8 kernels")
     elif mode == MODE_MXFP4:
         q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
         s = torch.empty(M, K // 32, dtype=torch.uint8, device=x.device)

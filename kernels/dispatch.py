@@ -179,12 +179,9 @@ def brq_linear(
     elif backend == "sm100" and M > SMALL_M:
         xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
         y = gemm.w4a4_dot_scaled(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
-    elif weight_fp8 is not None and K <= aq.ROW_KERNEL_MAX_K and (rot is None or aq.fusable_rotation(rot, K)):
-        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True) \
-            if (input_rotation is None or input_rotation.dim() == 2) else (None, None, None)
-        if xf is None:  # per-block rotation: the two-pass act-quant, scales from exponents
-            xf, xe = aq.quantize_activation(x2, rot, aq.MODE_FP8)
-            xsc = torch.exp2((xe - 6).double()).float().unsqueeze(1)
+    elif weight_fp8 is not None:
+        # one-pass persistent act-quant (K <= 16384, shared R), else the two-phase one (act_quant.default_fp8_impl)
+        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True)
         y = torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias,
                              out_dtype=x.dtype)
     elif M <= SMALL_M or backend == "sm80":

@@ -74,11 +74,15 @@ def _run(name, seed):
                 assert r.sign is not None
                 q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4, nb=2)
                 assert torch.equal(q, q0) and torch.equal(s, s0)
-            if rr is None or rr.dim() == 2:
-                f, e, sc = aq.quantize_activation(x, r, aq.MODE_FP8, with_scale=True)
-                assert torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float())
-            else:
-                f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2)
+            impls = ("row", "persist", "two_phase") if rr is None or rr.dim() == 2 else ("two_phase",)
+            for impl in impls:  # persist with 1 program: it walks every row tile, prefetching the next
+                kw = dict(programs_per_sm=1, block_m=2) if impl == "persist" else {}
+                kw.update(nb=2) if impl == "two_phase" else None
+                f, e, sc = aq.quantize_activation(x, r, aq.MODE_FP8, with_scale=True, fp8_impl=impl, **kw)
+                assert torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float()), impl
+                assert torch.equal(f.float(), f0) and torch.equal(e, e0), impl
+                assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)), impl  # no -0
+            f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2, fp8_impl="walk")
             assert torch.equal(f.float(), f0) and torch.equal(e, e0)
         return
     wp, ws = mxfp4.quantize(w)
