@@ -13,12 +13,19 @@ from vllm_brq import mxfp4
 from vllm_brq.rotation import rotate
 
 
-def quantize_activation_reference(x: torch.Tensor, input_rotation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (packed codes [M, K/2], E8M0 scales [M, K/32]) after the optional rotation."""
+def activation_reference(x: torch.Tensor, input_rotation: torch.Tensor | None,
+                         quantize_activations: bool) -> torch.Tensor:
+    """The activation side of every BRQ linear, in float32: x R per block (when the layer
+    has an input rotation), then MXFP4 fake quantization (W4A4 checkpoints)."""
     xf = x.float()
     if input_rotation is not None:
         xf = rotate(xf, input_rotation.float())
-    return mxfp4.quantize(xf)
+    return mxfp4.fake_quantize(xf) if quantize_activations else xf
+
+
+def quantize_activation_reference(x: torch.Tensor, input_rotation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (packed codes [M, K/2], E8M0 scales [M, K/32]) after the optional rotation."""
+    return mxfp4.quantize(activation_reference(x, input_rotation, quantize_activations=False))
 
 
 def brq_linear_reference(
@@ -30,11 +37,7 @@ def brq_linear_reference(
     quantize_activations: bool = True,
 ) -> torch.Tensor:
     """x [..., K] -> [..., N] with the MXFP4 weight (packed [N, K/2], scales [N, K/32])."""
-    xf = x.float()
-    if input_rotation is not None:
-        xf = rotate(xf, input_rotation.float())
-    if quantize_activations:
-        xf = mxfp4.fake_quantize(xf)
+    xf = activation_reference(x, input_rotation, quantize_activations)
     w = mxfp4.dequantize(weight_packed, weight_scale, torch.float32)
     y = xf @ w.t()
     if bias is not None:

@@ -18,9 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vllm_brq import format as fmt
-from vllm_brq import mxfp4
-from vllm_brq.kernels.reference import brq_linear_reference
-from vllm_brq.rotation import rotate
+from vllm_brq.kernels.reference import activation_reference, brq_linear_reference
 
 
 class ReferenceLinear(nn.Module):
@@ -46,11 +44,7 @@ class ReferenceLinear(nn.Module):
                                     self.bias, self.quantize_activations)
 
     def _fp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.input_rotation is not None:
-            xf = rotate(xf, self.input_rotation.float())
-        if self.quantize_activations:
-            xf = mxfp4.fake_quantize(xf)
+        xf = activation_reference(x, self.input_rotation, self.quantize_activations)
         y = xf @ self.weight.float().t()
         if self.bias is not None:
             y = y + self.bias.float()

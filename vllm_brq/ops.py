@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_brq import mxfp4
 from vllm_brq.kernels import dispatch
-from vllm_brq.rotation import rotate
+from vllm_brq.kernels.reference import activation_reference
 
 # FRAGMENT: other modules (e.g. GPU kernels) may add their own ops to the brq namespace.
 _LIB = torch.library.Library("brq", "FRAGMENT")
@@ -48,11 +47,8 @@ def _mxfp4_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize
 
 
 def _rotated_linear(x, weight, input_rotation, bias, quantize_activations):
-    if input_rotation is not None:
-        x = rotate(x, input_rotation)
-    if quantize_activations:
-        x = mxfp4.fake_quantize(x)
-    return F.linear(x, weight, bias)
+    xa = activation_reference(x, input_rotation, quantize_activations).to(x.dtype)
+    return F.linear(xa, weight, bias)
 
 
 def _linear_fake(x, weight, *_args):
