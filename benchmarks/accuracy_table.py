@@ -109,7 +109,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown(table: list[dict], s: dict) -> str:
-    lines = [f"| method (MXFP4 W4A4 unless said) | PPL Persuasion ({s['windows']}x{s['seqlen']}) | gap to fp32 | convert time (CPU) |",
+    lines = [f"Persuasion {s['windows']} x {s['seqlen']} tokens; GPTQ calibration {s['nsamples']} x {s['calib_seqlen']} "
+             "tokens; convert time on the 2-core CPU.", "",
+             "| method (MXFP4 W4A4 unless said) | perplexity | gap to fp32 | convert time |",
              "| --- | --- | --- | --- |"]
     for t in table:
         ppl = f"{t['ppl']:.2f}" + (f" ± {t['sd']:.2f} (seeds {','.join(map(str, t['seeds']))})" if t["sd"] is not None else "")
@@ -126,6 +128,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default=str(ROOT / ".cache" / "accuracy"))
     p.add_argument("--assets", default=str(ROOT / ".assets"))
     p.add_argument("--kv-cache-memory-bytes", type=int, default=2 * 1024**3)
+    p.add_argument("--seeds", default=None, help="rotation seeds of the BRQ rows, e.g. 0,1,2 (default: 0 quick, 0,1,2 full)")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -133,6 +136,8 @@ def main(argv=None) -> None:
     from vllm_brq import assets
 
     s = settings(args.quick)
+    if args.seeds:
+        s["seeds"] = [int(x) for x in args.seeds.split(",")]
     work = Path(args.workdir) / ("quick" if args.quick else "full")
     for d in ("rows", "ckpt", "logs"):
         (work / d).mkdir(parents=True, exist_ok=True)
