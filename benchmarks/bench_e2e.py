@@ -2,15 +2,18 @@
 
 Runs `vllm bench latency` (batch 1, 512 prompt tokens, 128 output tokens) and
 `vllm bench throughput` (256 prompts, 1024 in, 256 out) for each mode, in one session so
-the ratios compare like with like, and writes benchmarks/results/e2e-<gpu>.json.
+the ratios compare like with like, then profiles one batch-1 decode step
+(benchmarks/profile_decode.py), and writes benchmarks/results/e2e-<gpu>.json.
 
-Speed does not depend on the weight values, so the models are made with vLLM's dummy
-weights from a Llama-3-8B config (a brq checkpoint's config carries the brq
-quantization_config; the packed weights get random bytes). A tokenizer folder is needed
-for the random prompts (any Llama-style one; its vocabulary only bounds the ids).
+Speed does not depend on the weight values, so the model is a Llama-3-8B-shaped one with
+random bf16 weights (seed 0), saved as a Hugging Face folder (the bf16 and FP8 baselines
+serve it; FP8 is vLLM's online `--quantization fp8`) and converted with RTN into the two
+brq checkpoints by the converter's own pipeline. A tokenizer folder is needed for the
+random prompts (any Llama-style one; its vocabulary only bounds the ids).
 
-    python benchmarks/bench_e2e.py --tokenizer TOKDIR --modes bf16,fp8,brq-w4a4,brq-w4a16
-    python benchmarks/bench_e2e.py --tokenizer TOKDIR --modes brq-w4a4 --state ~/e2e   # resumable
+    python benchmarks/bench_e2e.py --tokenizer TOKDIR                      # everything (~25 min)
+    python benchmarks/bench_e2e.py --tokenizer TOKDIR --modes brq-w4a4     # resumable: --state keeps
+                                                                          # checkpoints and finished rows
 """
 
 from __future__ import annotations
@@ -26,46 +29,62 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+MODES = {  # mode -> (checkpoint, vLLM arguments)
+    "bf16": ("llama3-8b-random", []),
+    "fp8": ("llama3-8b-random", ["--quantization", "fp8"]),
+    "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"]),
+    "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"]),
 }
-MODES = {
-    "bf16": ({}, []),
-    "fp8": ({}, ["--quantization", "fp8"]),
-    "brq-w4a4": ({"activation_format": "mxfp4"}, ["--quantization", "brq"]),
-    "brq-w4a16": ({"activation_format": "none"}, ["--quantization", "brq"]),
-}
+PROFILED = ("bf16", "brq-w4a4")
 
 
-def model_dir(mode: str, state: Path, tokenizer: Path) -> Path:
-    """A config-only model folder (weights come from --load-format dummy)."""
-    from vllm_brq import format as fmt
+def _publish(tmp: Path, out: Path) -> Path:
+    os.replace(tmp, out)
+    return out
 
-    d = state / "models" / mode
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    cfg = dict(LLAMA3_8B)
-    over, _ = MODES[mode]
-    if over:
-        cfg["quantization_config"] = fmt.build_config(
-            activation_format=over["activation_format"],
-            rotation={"kind": "block_hadamard", "block_size": 32, "seed": 0, "r1": True, "r2": True, "r4": True},
-            quantizer={"method": "rtn"}, converter="bench_e2e (dummy weights)")
-    (d / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in tokenizer.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
-            shutil.copy(f, d / f.name)
-    return d
+
+def build_checkpoints(models: Path, tokenizer: Path) -> None:
+    """The random bf16 model and its two RTN brq conversions (skipped when present)."""
+    import torch
+
+    from convert_time import llama3_8b
+    from vllm_brq.converter import pipeline, writer
+
+    models.mkdir(parents=True, exist_ok=True)
+    init = "cuda" if torch.cuda.is_available() else "cpu"
+    base = models / "llama3-8b-random"
+    if not base.exists():
+        t0 = time.perf_counter()
+        tmp = models / ".tmp-base"
+        shutil.rmtree(tmp, ignore_errors=True)
+        llama3_8b(32, torch.bfloat16, init).save_pretrained(tmp)
+        for f in tokenizer.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, tmp / f.name)
+        _publish(tmp, base)
+        print(f"random bf16 model written in {time.perf_counter() - t0:.0f} s", flush=True)
+    for act in ("w4a4", "w4a16"):
+        out = models / f"llama3-8b-random-brq-{act}"
+        if out.exists():
+            continue
+        t0 = time.perf_counter()
+        opts = pipeline.Options(quantizer="rtn", rotation="block", activations="mxfp4" if act == "w4a4" else "none")
+        model = llama3_8b(32, torch.bfloat16, init)
+        report = pipeline.run(model, opts)
+        tmp = models / f".tmp-{act}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        qcfg = pipeline.quantization_config(opts, report)
+        writer.write_checkpoint(tmp, model, base, qcfg,
+                                writer.model_card(str(base), qcfg, opts.command(str(base), str(out)), report))
+        _publish(tmp, out)
+        print(f"{out.name} converted in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def vllm_bench(kind: str, model: Path, extra: list[str], out_json: Path, log: Path) -> dict:
-    common = ["--model", str(model), "--load-format", "dummy", "--max-model-len", "2048", "--seed", "0"]
+    common = ["--model", str(model), "--max-model-len", "2048", "--seed", "0"]
     if kind == "latency":
         args = ["--input-len", "512", "--output-len", "128", "--batch-size", "1", "--num-iters-warmup", "3", "--num-iters", "10"]
     else:
@@ -76,7 +95,7 @@ def vllm_bench(kind: str, model: Path, extra: list[str], out_json: Path, log: Pa
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
-        raise RuntimeError(f"vllm bench {kind} failed ({rc}); see {log}")
+        raise RuntimeError(f"vllm bench {kind} failed ({rc}); see {log}:\n{log.read_text()[-3000:]}")
     res = json.loads(out_json.read_text())
     res["wall_s"] = time.perf_counter() - t0
     return res
@@ -86,7 +105,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, type=Path)
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--state", type=Path, default=Path.home() / "e2e", help="keeps finished modes (resumable)")
+    p.add_argument("--profile", default=",".join(PROFILED), help="modes whose decode step is profiled ('' for none)")
+    p.add_argument("--state", type=Path, default=Path.home() / "e2e", help="keeps checkpoints and finished rows")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/e2e-<gpu>.json)")
     args = p.parse_args(argv)
     import torch
@@ -94,36 +114,59 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name(0)
     state = args.state
     (state / "rows").mkdir(parents=True, exist_ok=True)
-    for mode in args.modes.split(","):
+    build_checkpoints(state / "models", args.tokenizer)
+    for mode in filter(None, args.modes.split(",")):
         row_file = state / "rows" / f"{mode}.json"
         if row_file.exists():
             continue
-        d = model_dir(mode, state, args.tokenizer)
-        _, extra = MODES[mode]
+        ckpt, extra = MODES[mode]
+        d = state / "models" / ckpt
         lat = vllm_bench("latency", d, extra, state / f"{mode}-latency.json", state / f"{mode}-latency.log")
         thr = vllm_bench("throughput", d, extra, state / f"{mode}-throughput.json", state / f"{mode}-throughput.log")
         row = {"mode": mode, "latency_s": lat["avg_latency"], "throughput_tok_s": thr["tokens_per_second"],
                "requests_s": thr.get("requests_per_second"),
-               "output_tok_s": thr["tokens_per_second"] * 256 / (1024 + 256)}
+               "output_tok_s": thr["tokens_per_second"] * 256 / (1024 + 256),
+               "engine_wall_s": round(lat["wall_s"] + thr["wall_s"], 1)}
         row_file.write_text(json.dumps(row))
         print(json.dumps(row), flush=True)
+    for mode in filter(None, args.profile.split(",")):
+        prof = state / "rows" / f"profile-{mode}.json"
+        if not prof.exists():
+            ckpt, extra = MODES[mode]
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), str(state / "models" / ckpt),
+                   "--out", str(prof), *extra]
+            subprocess.run(cmd, check=True)
     rows = [json.loads((state / "rows" / f"{m}.json").read_text()) for m in MODES if (state / "rows" / f"{m}.json").exists()]
+    profiles = {m: json.loads((state / "rows" / f"profile-{m}.json").read_text())
+                for m in MODES if (state / "rows" / f"profile-{m}.json").exists()}
     import vllm
 
     result = {"device": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "vllm": vllm.__version__, "model": "Llama-3-8B shape, dummy weights",
-              "latency": "batch 1, 512 in, 128 out", "throughput": "256 prompts, 1024 in, 256 out",
-              "command": "python benchmarks/bench_e2e.py --tokenizer TOKDIR", "rows": rows}
+              "cuda": torch.version.cuda, "vllm": vllm.__version__,
+              "model": "Llama-3-8B shape, random bf16 weights (seed 0); brq: RTN, block rotation 32",
+              "latency": "vllm bench latency: batch 1, 512 in, 128 out (3 warmup, 10 iterations)",
+              "throughput": "vllm bench throughput: 256 prompts, 1024 in, 256 out; tokens/s counts input and output",
+              "command": "python benchmarks/bench_e2e.py --tokenizer TOKDIR", "rows": rows, "decode_profile": profiles}
     out = args.out or ROOT / "benchmarks" / "results" / f"e2e-{gpu.split()[-1].lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    base = {r["mode"]: r for r in rows}.get("bf16")
-    print("| mode | latency (s) | throughput (tok/s) | vs bf16 |")
-    for r in rows:
-        ratio = f"{r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x" if base else "-"
-        print(f"| {r['mode']} | {r['latency_s']:.3f} | {r['throughput_tok_s']:.0f} | {ratio} |")
+    print(markdown(result))
     if os.environ.get("OUT"):
         shutil.copy(out, Path(os.environ["OUT"]) / out.name)
+
+
+def markdown(result: dict) -> str:
+    """The README table: latency, throughput and their ratios to bf16 and FP8."""
+    by = {r["mode"]: r for r in result["rows"]}
+    lines = ["| mode | batch-1 latency (s) | vs bf16 | vs fp8 | throughput (tok/s) | vs bf16 | vs fp8 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        cells = [r["mode"], f"{r['latency_s']:.3f}"]
+        cells += [f"{by[b]['latency_s'] / r['latency_s']:.2f}x" if b in by else "-" for b in ("bf16", "fp8")]
+        cells.append(f"{r['throughput_tok_s']:,.0f}")
+        cells += [f"{r['throughput_tok_s'] / by[b]['throughput_tok_s']:.2f}x" if b in by else "-" for b in ("bf16", "fp8")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,18 @@ import torch
 from vllm_brq.converter import pipeline, writer
 
 
-def llama3_8b(layers: int, dtype: torch.dtype):
+def llama3_8b(layers: int, dtype: torch.dtype, init_device: str = "cpu"):
+    """A Llama-3-8B-shaped model with random weights (seed 0), returned on the CPU.
+    ``init_device="cuda"`` draws the 8B random numbers on the GPU (seconds, not minutes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                          num_key_value_heads=8, num_hidden_layers=layers, vocab_size=128256,
                          max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    with torch.device(init_device):
         model = LlamaForCausalLM(config).to(dtype)
-    return model.eval()
+    return model.to("cpu").eval()
 
 
 def main() -> None:
