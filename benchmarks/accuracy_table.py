@@ -5,7 +5,7 @@ Persuasion) and evaluated with brq-eval (vLLM prompt logprobs on Persuasion). Fi
 rows are kept in WORKDIR/rows/*.json, so a rerun continues where it stopped.
 
     python benchmarks/accuracy_table.py --quick              # ~40 min on 2 CPU cores: 8 x 1024 windows
-    python benchmarks/accuracy_table.py --dtype bfloat16     # the README table (~15 min on an H100;
+    python benchmarks/accuracy_table.py --dtype bfloat16 --jobs 4  # the README table (H100;
                                                              # hours on CPU, where float32 is the default)
     python benchmarks/accuracy_table.py --render             # README table from the results JSON
 
@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,8 @@ def run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def do_row(key: str, seed: int, s: dict, work: Path, model: Path, austen: Path, kv_bytes: int, dtype: str) -> dict:
+def do_row(key: str, seed: int, s: dict, work: Path, model: Path, austen: Path, kv_bytes: int, dtype: str,
+           gpu_share: float | None = None) -> dict:
     out_json = work / "rows" / f"{key}-s{seed}.json"
     if out_json.exists():
         return json.loads(out_json.read_text())
@@ -86,7 +88,8 @@ def do_row(key: str, seed: int, s: dict, work: Path, model: Path, austen: Path, 
     log.info("evaluating %s (seed %d)", key, seed)
     run(["brq-eval", str(target), "--text", str(austen / "persuasion.txt"), "--seqlen", str(s["seqlen"]),
          "--windows", str(s["windows"]), "--dtype", dtype, "--enforce-eager",
-         "--kv-cache-memory-bytes", str(kv_bytes), "--json", str(ev)], work / "logs" / f"{key}-s{seed}.eval.log")
+         "--kv-cache-memory-bytes", str(kv_bytes), "--json", str(ev),
+         *(["--gpu-memory-utilization", str(gpu_share)] if gpu_share else [])], work / "logs" / f"{key}-s{seed}.eval.log")
     res = json.loads(ev.read_text())
     row = {"key": key, "label": label, "seed": seed, "options": opts, "ppl": res["ppl"], "tokens": res["tokens"],
            "convert_s": round(convert_s, 1), "eval_s": round(res["seconds"], 1)}
@@ -117,7 +120,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown(table: list[dict], s: dict, device: str, dtype: str) -> str:
     base = "bf16" if dtype == "bfloat16" else "fp32"
     lines = [f"Persuasion {s['windows']} x {s['seqlen']} tokens, vLLM {dtype}; GPTQ calibration {s['nsamples']} x "
-             f"{s['calib_seqlen']} tokens; conversion and evaluation on {device}.", "",
+             f"{s['calib_seqlen']} tokens; conversion and evaluation on {device}"
+             + (f", {s['jobs']} rows at a time (convert times include that sharing)." if s.get("jobs", 1) > 1 else "."), "",
              f"| method (MXFP4 W4A4 unless said) | perplexity | gap to {base} | convert time |",
              "| --- | --- | --- | --- |"]
     for t in table:
@@ -155,6 +159,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="vLLM dtype of the evaluation")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=2 * 1024**3)
     p.add_argument("--seeds", default=None, help="rotation seeds of the BRQ rows, e.g. 0,1,2 (default: 0 quick, 0,1,2 full)")
+    p.add_argument("--jobs", type=int, default=1, help="rows run at once (a GPU has room for several)")
     p.add_argument("--update-readme", action="store_true")
     p.add_argument("--render", action="store_true", help="only rebuild the table (and README) from the results JSON")
     args = p.parse_args(argv)
@@ -173,18 +178,21 @@ def main(argv=None) -> None:
     s = settings(args.quick)
     if args.seeds:
         s["seeds"] = [int(x) for x in args.seeds.split(",")]
+    s["jobs"] = args.jobs
     work = Path(args.workdir) / ("quick" if args.quick else "full")
     for d in ("rows", "ckpt", "logs"):
         (work / d).mkdir(parents=True, exist_ok=True)
     model = assets.smollm2(Path(args.assets) / "smollm2")
     austen = assets.austen(Path(args.assets) / "austen")
     keys = ["fp32"] + [k for k in args.rows.split(",") if k != "fp32"]
-    rows = []
-    for key in keys:
-        if key not in ROWS:
-            raise SystemExit(f"unknown row {key!r}; choose from {','.join(ROWS)}")
-        for seed in (s["seeds"] if key in SEEDED else s["seeds"][:1]):
-            rows.append(do_row(key, seed, s, work, model, austen, args.kv_cache_memory_bytes, args.dtype))
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row {unknown[0]!r}; choose from {','.join(ROWS)}")
+    tasks = [(key, seed) for key in keys for seed in (s["seeds"] if key in SEEDED else s["seeds"][:1])]
+    gpu_share = round(0.8 / args.jobs, 2) if args.jobs > 1 else None
+    with ThreadPoolExecutor(args.jobs) as pool:  # each row is subprocesses; threads only wait
+        rows = list(pool.map(lambda t: do_row(*t, s, work, model, austen, args.kv_cache_memory_bytes, args.dtype,
+                                              gpu_share), tasks))
     table = summarize(rows)
     device = device_name()
     md = markdown(table, s, device, args.dtype)

@@ -81,6 +81,8 @@ def build_checkpoints(models: Path, tokenizer: Path) -> None:
                                 writer.model_card(str(base), qcfg, opts.command(str(base), str(out)), report))
         _publish(tmp, out)
         print(f"{out.name} converted in {time.perf_counter() - t0:.0f} s", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the engines below need the GPU memory the random init cached
 
 
 def vllm_bench(kind: str, model: Path, extra: list[str], out_json: Path, log: Path) -> dict:
@@ -147,7 +149,8 @@ def main(argv=None) -> None:
               "latency": "vllm bench latency: batch 1, 512 in, 128 out (3 warmup, 10 iterations)",
               "throughput": "vllm bench throughput: 256 prompts, 1024 in, 256 out; tokens/s counts input and output",
               "command": "python benchmarks/bench_e2e.py --tokenizer TOKDIR", "rows": rows, "decode_profile": profiles}
-    out = args.out or ROOT / "benchmarks" / "results" / f"e2e-{gpu.split()[-1].lower()}.json"
+    short = next((t for t in gpu.split() if any(c.isdigit() for c in t)), gpu.split()[-1]).lower()  # "h100"
+    out = args.out or ROOT / "benchmarks" / "results" / f"e2e-{short}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))

@@ -102,7 +102,8 @@ def quantization_of(model: str) -> dict | None:
 
 
 def _engine_kwargs(args) -> dict:
-    return {} if args.kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": args.kv_cache_memory_bytes}
+    kw = {"kv_cache_memory_bytes": args.kv_cache_memory_bytes, "gpu_memory_utilization": args.gpu_memory_utilization}
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def main(argv=None) -> None:
@@ -117,6 +118,8 @@ def main(argv=None) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / CUDA graphs")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="fixed KV cache size (on CPU this avoids vLLM reserving a fraction of the NUMA node)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="GPU memory share vLLM may take (lower it to run several evaluations on one GPU)")
     p.add_argument("--json", dest="json_out", help="write the result here (also printed)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
