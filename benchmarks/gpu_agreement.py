@@ -65,17 +65,21 @@ def compare(ref: list, got: list) -> dict:
 
 
 def chat(path: Path) -> dict:
-    from openai import OpenAI
+    """`vllm serve` on the GPU answers one chat request over HTTP (stdlib client: the
+    air-gapped wheelhouse's openai package misses its truststore dependency)."""
+    import urllib.request
 
     t0 = time.perf_counter()
     server = vh.Server(path, "--dtype", "bfloat16", "--quantization", "brq", "--gpu-memory-utilization", "0.3",
                        timeout=600)
     ready = time.perf_counter() - t0
     try:
-        client = OpenAI(base_url=server.url + "/v1", api_key="none")
-        r = client.chat.completions.create(model=str(path), max_tokens=48, temperature=0.0,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
-        answer = r.choices[0].message.content
+        body = {"model": str(path), "max_tokens": 48, "temperature": 0.0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
     finally:
         rc = server.stop()
     return {"ready_s": round(ready, 1), "answer": answer, "exit_code": rc}
