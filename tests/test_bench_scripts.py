@@ -1,0 +1,48 @@
+"""The GPU bench scripts' CPU-side logic: kernel-name categories of the decode profile, the
+README tables rendered from committed results (so a results file and its table agree)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import accuracy_table  # noqa: E402
+import bench_e2e  # noqa: E402
+import profile_decode  # noqa: E402
+
+
+def test_decode_profile_categories():
+    c = profile_decode.category
+    assert c("_gemv_a4_kernel") == "brq GEMM"
+    assert c("_act_quant_kernel") == "activation quantization"
+    assert c("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<") == "attention"
+    assert c("void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>") == "attention"
+    assert c("nvjet_sm90_tst_384x8_64x4_2x1_v_bz_TNT") == "other GEMM (lm_head, bf16/FP8 linears)"
+    assert c("void vllm::fused_add_rms_norm_kernel<c10::BFloat16>") == "other"
+
+
+def test_e2e_table_matches_results():
+    result = json.loads((REPO / "benchmarks/results/e2e-h100.json").read_text())
+    table = bench_e2e.markdown(result)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert table.count("\n") == len(rows) + 1
+    bf16 = rows["bf16"]
+    for mode, r in rows.items():
+        line = next(x for x in table.splitlines() if x.startswith(f"| {mode} |"))
+        assert f"{bf16['latency_s'] / r['latency_s']:.2f}x" in line
+    profile = result["decode_profile"]["brq-w4a4"]
+    assert abs(sum(v["share"] for v in profile["categories"].values()) - 1) < 0.01
+
+
+def test_accuracy_table_in_readme_is_the_results_file():
+    result = json.loads((REPO / "benchmarks/results/accuracy-smollm2.json").read_text())
+    md = accuracy_table.markdown(result["table"], result["settings"], result["device"], result["dtype"])
+    readme = (REPO / "README.md").read_text()
+    assert md in readme
+    assert result["settings"]["windows"] >= 32 and result["settings"]["seqlen"] >= 2048
+    seeds = {r["key"]: r["seeds"] for r in result["table"]}
+    assert seeds["brq"] == seeds["brq-rtn"] == [0, 1, 2]
