@@ -124,6 +124,7 @@ def check(log, smollm2_path, decode=False):
                    fp8_gemm=rel(gemm.w4a4_fp8(xf, xe, wp, ws), y0),
                    fp8_reference=rel(ref.brq_linear_fp8_reference(x.float(), wp, ws, r).double(), y0),
                    w4a16_on_fakequant=rel(gemm.w4a16(xd, wp, ws), y0),
+                   dequant_exact=bool(torch.equal(gemm.dequantize(wp, ws), mxfp4.dequantize(wp, ws, torch.bfloat16))),
                    gemv_on_fakequant=rel(gemm.gemv(xd[:4], wp, ws), y0[:4]),
                    gemv_a4=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws), y0[:4]),
                    gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
@@ -235,6 +236,9 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
                 t["brq_w4a4_packed_only"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True)
                                                         for p, s in wps])
             t["brq_w4a16"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, None, None, False) for p, s in wps])
+            if M > dispatch.SMALL_M:  # the opt-in BRQ_W4A16_DEQUANT route: dequantize pass + cuBLAS
+                t["brq_w4a16_dequant_cublas"] = graph_time([lambda p=p, s=s: torch.matmul(x, gemm.dequantize(p, s).t())
+                                                            for p, s in wps])
             if M <= gemm.GEMV_MAX_M:
                 xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
                 t["brq_gemv_only"] = graph_time([lambda p=p, s=s: gemm.gemv(xd, p, s) for p, s in wps])

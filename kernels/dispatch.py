@@ -14,7 +14,8 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 - W4A4 prefill on sm100+ (M > SMALL_M): native e2m1 tl.dot_scaled (written, not measured).
 - W4A4 without the FP8 copy: fake-quant bf16 + the W4A16 kernel (M <= SMALL_M or sm80), else
   the in-register FP8 GEMM over packed weights (gemm.w4a4_fp8).
-- W4A16 checkpoints: gemv (M <= 4) or the in-register W4A16 GEMM.
+- W4A16 checkpoints: gemv (M <= 4) or the in-register W4A16 GEMM; with BRQ_W4A16_DEQUANT=1
+  and M > SMALL_M, one dequantize pass to bf16 then cuBLAS (not yet measured, so opt-in).
 - Rotations the kernels cannot fuse (block size != 32, dense): applied in torch first, with
   a one-time warning. Activation quantization is never dropped.
 """
@@ -79,6 +80,14 @@ def fp8_weights_enabled() -> bool:
 def gemv_a4_enabled() -> bool:
     """BRQ_GEMV_A4=0: W4A4 decode takes round 3's gemv (bf16 fake-quant activation, float32 FMAs)."""
     return os.environ.get("BRQ_GEMV_A4", "1") not in ("0", "false", "False", "")
+
+
+def w4a16_dequant_enabled() -> bool:
+    """BRQ_W4A16_DEQUANT=1: W4A16 prefill (M > SMALL_M) dequantizes the weight to the
+    activation dtype in one pass, then runs cuBLAS. Predicted (H100, not yet measured): the
+    pass costs ~0.5 bf16-GEMM-equivalents of memory traffic, so M >= 1024 goes from the
+    in-register kernel's 0.3x to ~0.85x of bf16. Off until measured."""
+    return os.environ.get("BRQ_W4A16_DEQUANT", "0") in ("1", "true", "True")
 
 
 def reencode_weights_fp8(weight_packed: torch.Tensor, weight_scale: torch.Tensor, rows_per_chunk: int = 1024):
@@ -174,8 +183,12 @@ def brq_linear(
     if not quantize_activations:
         if input_rotation is not None:
             x2 = rotate(x2, input_rotation)
-        y = gemm.gemv(x2, weight_packed, weight_scale, bias) if M <= gemm.GEMV_MAX_M else \
-            gemm.w4a16(x2, weight_packed, weight_scale, bias)
+        if M <= gemm.GEMV_MAX_M:
+            y = gemm.gemv(x2, weight_packed, weight_scale, bias)
+        elif M > SMALL_M and w4a16_dequant_enabled():
+            y = torch.nn.functional.linear(x2, gemm.dequantize(weight_packed, weight_scale, x2.dtype), bias)
+        else:
+            y = gemm.w4a16(x2, weight_packed, weight_scale, bias)
     elif M == 1 or (M <= gemm.GEMV_MAX_M and weight_fp8 is None):
         # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100).
         # MXFP4 activation codes + the fp16 block-sum gemv (BRQ_GEMV_A4=0: fake-quant bf16 + gemv)

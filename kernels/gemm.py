@@ -13,6 +13,8 @@ registers; y[M, N] = A[M, K] W[N, K]^T accumulates in float32.
   checkpoints, and W4A4 at small M with A = the fake-quantized activation (exact MXFP4).
   With SWAP the weight tile is the MMA's M side, so decode (M <= 16) wastes no MMA rows
   and each program streams BN weight rows over the whole K (bandwidth-bound).
+- `dequantize`: packed weights -> exact bf16/fp16/fp32 [N, K] in one pass, for W4A16
+  prefill as dequantize + cuBLAS (opt-in, BRQ_W4A16_DEQUANT=1; see kernels/dispatch.py).
 - `w4a4_dot_scaled`: sm100+, native `tl.dot_scaled` with e2m1 operands (not measurable on
   Hopper, where it upcasts to bf16 and was measured at 0.30-0.36x of cuBLAS bf16).
 """
@@ -144,6 +146,23 @@ _W4A16_CONFIGS = (
     + _configs([True], [64], [128], [64], [(4, 4)])
     + _configs([False], [64], [128], [64], [(4, 4)])
 )
+@triton.jit
+def _dequant_kernel(w_ptr, ws_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                    BN: tl.constexpr, BK: tl.constexpr):
+    """One [BN, BK] tile of the exact dequantized weight (the reference: mxfp4.dequantize)."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    n_ok = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
+    kp = k0 // 2 + tl.arange(0, BK // 2)
+    ks = k0 // 32 + tl.arange(0, BK // 32)
+    p = tl.load(w_ptr + rows * stride_wn + kp[None, :], mask=n_ok[:, None] & (kp < K // 2)[None, :], other=0)
+    s = tl.load(ws_ptr + rows * stride_sn + ks[None, :], mask=n_ok[:, None] & (ks < K // 32)[None, :], other=0)
+    w = _weight_dequant(p, s, BN, BK, out_ptr.dtype.element_ty)
+    offs_k = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], w, mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+
 _DECODE_CONFIGS = (_configs([True], [16], [16, 32, 64], [256, 512], [(4, 3)])
                    + _configs([True], [16], [16, 32], [128, 256], [(2, 5), (4, 6)]))
 
@@ -457,6 +476,21 @@ def w4a16(a, weight_packed, weight_scale, bias=None, config=None):
         a.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0), HAS_BIAS=bias is not None,
         **cfg)
     return c
+
+
+def dequantize(weight_packed, weight_scale, dtype=torch.bfloat16, block_n=32, block_k=256):
+    """Packed MXFP4 weights -> exact values [N, K] in dtype (bf16 and fp32 hold every MXFP4
+    value; fp16 as the W4A16 kernel does, by conversion). One read of the 4.25-bit weights,
+    one write of the result."""
+    N = weight_packed.shape[0]
+    K = weight_packed.shape[1] * 2
+    if weight_scale.shape != (N, K // 32):
+        raise ValueError(f"weights {tuple(weight_packed.shape)}/{tuple(weight_scale.shape)} do not fit K={K}")
+    out = torch.empty(N, K, dtype=dtype, device=weight_packed.device)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _dequant_kernel[grid](weight_packed, weight_scale, out, N, K, weight_packed.stride(0), weight_scale.stride(0),
+                          out.stride(0), BN=block_n, BK=block_k)
+    return out
 
 
 def w4a4_dot_scaled(a_packed, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16,

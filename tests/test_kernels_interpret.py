@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-CHECKS = ("act_quant", "act_quant_fp8_row", "gemm_fp8", "gemm_w4a16", "gemv", "gemv_a4")
+CHECKS = ("act_quant", "act_quant_fp8_row", "gemm_fp8", "gemm_w4a16", "gemv", "gemv_a4", "dequant")
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -87,6 +87,15 @@ def _run(name, seed):
         return
     wp, ws = mxfp4.quantize(w)
     r = rots[1]
+    if name == "dequant":  # exact: bit-identical to the spec, partial tiles and extreme scales included
+        ws_x = ws.clone()
+        ws_x[0, 0], ws_x[1, 1], ws_x[2, 2] = 0, 254, 1
+        # the interpreter flushes bf16 subnormals (scale codes 0 and 1): extremes in float32 only
+        for dtype, scales in ((torch.float32, ws_x), (torch.bfloat16, ws)):
+            for bn, bk in ((16, 64), (32, 256)):  # K = 192: a partial K tile at BK = 256
+                d = gemm.dequantize(wp, scales, dtype, block_n=bn, block_k=bk)
+                assert torch.equal(d, mxfp4.dequantize(wp, scales, dtype)), (dtype, bn, bk)
+        return
     if name == "gemv_a4":
         xp, xs = aq.quantize_activation(x[:3], r, aq.MODE_MXFP4, nb=2)
         b = torch.randn(N)
