@@ -187,7 +187,10 @@ class _BRQMethodBase(LinearMethodBase):
         layer.brq_input_size = input_size
         layer.brq_input_size_per_partition = input_size_per_partition
         layer.brq_output_size_per_partition = sum(output_partition_sizes)
-        rotation = BasevLLMParameter(data=torch.empty(0), weight_loader=self._rotation_loader(layer))
+        # float32 like the checkpoint (vLLM builds layers under a bf16 default dtype, which
+        # would flag the float32 tensor as a lossy load)
+        rotation = BasevLLMParameter(data=torch.empty(0, dtype=torch.float32),
+                                     weight_loader=self._rotation_loader(layer))
         layer.register_parameter(fmt.INPUT_ROTATION, rotation)
 
     def _checked_loader(self, layer, key: str, expected: Callable[[int, int], tuple], dtype_ok: Callable,
