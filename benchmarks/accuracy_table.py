@@ -5,8 +5,8 @@ Persuasion) and evaluated with brq-eval (vLLM prompt logprobs on Persuasion). Fi
 rows are kept in WORKDIR/rows/*.json, so a rerun continues where it stopped.
 
     python benchmarks/accuracy_table.py --quick              # ~40 min on 2 CPU cores: 8 x 1024 windows
-    python benchmarks/accuracy_table.py --dtype bfloat16 --jobs 4  # the README table (H100;
-                                                             # hours on CPU, where float32 is the default)
+    python benchmarks/accuracy_table.py --dtype bfloat16 --jobs 4   # the README table (~9 min on an H100)
+    python benchmarks/accuracy_table.py                      # the same in float32 on CPU (hours)
     python benchmarks/accuracy_table.py --render             # README table from the results JSON
 
 Conversions run on the GPU when there is one (brq-convert's default), evaluation in vLLM

@@ -146,22 +146,6 @@ _W4A16_CONFIGS = (
     + _configs([True], [64], [128], [64], [(4, 4)])
     + _configs([False], [64], [128], [64], [(4, 4)])
 )
-@triton.jit
-def _dequant_kernel(w_ptr, ws_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
-                    BN: tl.constexpr, BK: tl.constexpr):
-    """One [BN, BK] tile of the exact dequantized weight (the reference: mxfp4.dequantize)."""
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    k0 = tl.program_id(1) * BK
-    n_ok = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
-    kp = k0 // 2 + tl.arange(0, BK // 2)
-    ks = k0 // 32 + tl.arange(0, BK // 32)
-    p = tl.load(w_ptr + rows * stride_wn + kp[None, :], mask=n_ok[:, None] & (kp < K // 2)[None, :], other=0)
-    s = tl.load(ws_ptr + rows * stride_sn + ks[None, :], mask=n_ok[:, None] & (ks < K // 32)[None, :], other=0)
-    w = _weight_dequant(p, s, BN, BK, out_ptr.dtype.element_ty)
-    offs_k = k0 + tl.arange(0, BK)
-    tl.store(out_ptr + rows * stride_on + offs_k[None, :], w, mask=n_ok[:, None] & (offs_k < K)[None, :])
-
 
 _DECODE_CONFIGS = (_configs([True], [16], [16, 32, 64], [256, 512], [(4, 3)])
                    + _configs([True], [16], [16, 32], [128, 256], [(2, 5), (4, 6)]))
@@ -476,6 +460,23 @@ def w4a16(a, weight_packed, weight_scale, bias=None, config=None):
         a.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0), HAS_BIAS=bias is not None,
         **cfg)
     return c
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, ws_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                    BN: tl.constexpr, BK: tl.constexpr):
+    """One [BN, BK] tile of the exact dequantized weight (the reference: mxfp4.dequantize)."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    n_ok = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
+    kp = k0 // 2 + tl.arange(0, BK // 2)
+    ks = k0 // 32 + tl.arange(0, BK // 32)
+    p = tl.load(w_ptr + rows * stride_wn + kp[None, :], mask=n_ok[:, None] & (kp < K // 2)[None, :], other=0)
+    s = tl.load(ws_ptr + rows * stride_sn + ks[None, :], mask=n_ok[:, None] & (ks < K // 32)[None, :], other=0)
+    w = _weight_dequant(p, s, BN, BK, out_ptr.dtype.element_ty)
+    offs_k = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], w, mask=n_ok[:, None] & (offs_k < K)[None, :])
 
 
 def dequantize(weight_packed, weight_scale, dtype=torch.bfloat16, block_n=32, block_k=256):
