@@ -60,8 +60,12 @@ def check(log, smollm2_path, decode=False):
             f, e = aq.quantize_activation(x, r, aq.MODE_FP8)
             d = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
             d0 = mxfp4.dequantize(q0, s0, torch.bfloat16)
+            a, sa = aq.quantize_activation(x, r, aq.MODE_PAIRS)
+            a0, _ = ref.pairs_reference(q0, s0)
             key = f"act_quant K={K} rot={rname}"
             res[key] = dict(code_bytes_diff=int((q != q0).sum()), scale_diff=int((s != s0).sum()),
+                            pairs_diff=int((a.view(torch.int16) != a0.view(torch.int16)).sum()),
+                            pairs_scale_diff=int((sa != s0).sum()),
                             fp8_diff=int((f.float() != f0).sum()), rowexp_diff=int((e != e0).sum()),
                             dequant_diff=int((d != d0).sum()), elements=x.numel(),
                             fp8_flushed_blocks=int(((s0.int() - e0[:, None] - 127) < -14).sum()))
@@ -100,12 +104,18 @@ def check(log, smollm2_path, decode=False):
         yb = y0.to(torch.bfloat16)
         xf, xe = aq.quantize_activation(x, r, aq.MODE_FP8)
         xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
-        xp, xs = aq.quantize_activation(x, r, aq.MODE_MXFP4)
+        xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS)
         ex = dispatch.prepare_extras(wp, ws, r)
         bias = torch.randn(wp.shape[0], device="cuda", dtype=torch.bfloat16)
         yb0 = y0 + bias.double()
+        a4_cfgs = {f"{c.kwargs['BN']}x{c.kwargs['NBK']}w{c.num_warps}": rel(gemm.gemv_a4(
+            xp[:4], xs[:4], wp, ws, out_dtype=torch.float32, config=dict(c.kwargs, num_warps=c.num_warps)), y0[:4])
+            for c in gemm._GEMV_A4_CONFIGS}
         if decode:
-            row = dict(bf16_rounding_of_exact=rel(yb, y0),
+            a0, sa0 = ref.pairs_reference(*ref.quantize_activation_reference(x[:4], r))
+            row = dict(bf16_rounding_of_exact=rel(yb, y0), gemv_a4_f32out_every_config_max=max(a4_cfgs.values()),
+                       pairs_diff=int((xp[:4].view(torch.int16) != a0.view(torch.int16)).sum()),
+                       pairs_scale_diff=int((xs[:4] != sa0).sum()),
                        dispatch_w4a4_extras=rel(dispatch.brq_linear(x, wp, ws, r, None, True, **ex), y0),
                        dispatch_w4a4_extras_bias=rel(dispatch.brq_linear(x, wp, ws, r, bias, True, **ex), yb0),
                        gemv_on_fakequant=rel(gemm.gemv(xd[:4], wp, ws), y0[:4]),
@@ -116,7 +126,7 @@ def check(log, smollm2_path, decode=False):
             res[key] = row
             log(key, {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
             continue
-        row = dict(bf16_rounding_of_exact=rel(yb, y0),
+        row = dict(bf16_rounding_of_exact=rel(yb, y0), gemv_a4_f32out_every_config_max=max(a4_cfgs.values()),
                    dispatch_w4a4_extras=rel(dispatch.brq_linear(x, wp, ws, r, None, True, **ex), y0),
                    dispatch_w4a4_extras_bias=rel(dispatch.brq_linear(x, wp, ws, r, bias, True, **ex), yb0),
                    fp8_weight_flushed=int(dispatch.reencode_weights_fp8(wp, ws)[2]),
@@ -236,13 +246,12 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
                 t["brq_w4a4_packed_only"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True)
                                                         for p, s in wps])
             t["brq_w4a16"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, None, None, False) for p, s in wps])
-            if M > dispatch.SMALL_M:  # the opt-in BRQ_W4A16_DEQUANT route: dequantize pass + cuBLAS
-                t["brq_w4a16_dequant_cublas"] = graph_time([lambda p=p, s=s: torch.matmul(x, gemm.dequantize(p, s).t())
-                                                            for p, s in wps])
+            if M > dispatch.SMALL_M:  # brq_w4a16 is dequantize + cuBLAS here; BRQ_W4A16_DEQUANT=0 runs this kernel
+                t["brq_w4a16_inregister"] = graph_time([lambda p=p, s=s: gemm.w4a16(x, p, s) for p, s in wps])
             if M <= gemm.GEMV_MAX_M:
                 xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
                 t["brq_gemv_only"] = graph_time([lambda p=p, s=s: gemm.gemv(xd, p, s) for p, s in wps])
-                xp, xs = aq.quantize_activation(x, r, aq.MODE_MXFP4)
+                xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS)
                 t["brq_gemv_a4_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(xp, xs, p, s) for p, s in wps])
             for backend, ms in t.items():
                 row = dict(op=shape, M=M, N=N, K=K, backend=backend, ms=ms, bf16_ms=bf16_ms,

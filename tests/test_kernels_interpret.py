@@ -64,9 +64,15 @@ def _run(name, seed):
             f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2)
             f0, e0 = ref.fp8_reencode_reference(q0, s0)
             assert torch.equal(f.float(), f0) and torch.equal(e, e0)
+            a, sa = aq.quantize_activation(x, r, aq.MODE_PAIRS, nb=2)
+            a0, sa0 = ref.pairs_reference(q0, s0)
+            assert torch.equal(a.view(torch.int16), a0.view(torch.int16)) and torch.equal(sa, sa0)
         return
     if name == "act_quant_fp8_row":  # one-pass FP8 mode, tf32x3 and +-1 (Rotation.prepare) rotations
-        for r in (None, rots[1], aq.Rotation.prepare(rots[1]), aq.Rotation.prepare(rots[2])):
+        rh = aq.Rotation.prepare(rots[1])  # diag(D) H32: the row kernels' FWHT
+        rp = aq.Rotation.prepare(rots[1].roll(1, 0))  # +-1 but not diag(s) H32: the dot
+        assert rh.hadamard and not rp.hadamard and not aq.Rotation.prepare(rots[2]).hadamard
+        for r in (None, rots[1], rh, aq.Rotation(rh.r, rh.sign[0]), rp, aq.Rotation.prepare(rots[2])):
             rr = r.r if isinstance(r, aq.Rotation) else r
             q0, s0 = ref.quantize_activation_reference(x, rr)
             f0, e0 = ref.fp8_reencode_reference(q0, s0)
@@ -96,12 +102,12 @@ def _run(name, seed):
                 d = gemm.dequantize(wp, scales, dtype, block_n=bn, block_k=bk)
                 assert torch.equal(d, mxfp4.dequantize(wp, scales, dtype)), (dtype, bn, bk)
         return
-    if name == "gemv_a4":
-        xp, xs = aq.quantize_activation(x[:3], r, aq.MODE_MXFP4, nb=2)
+    if name == "gemv_a4":  # K/32 = 6: NBK 2 runs the unmasked loop, NBK 4 the masked one; BN 32 clamps rows
+        xp, xs = aq.quantize_activation(x[:3], r, aq.MODE_PAIRS, nb=2)
         b = torch.randn(N)
         for m in (1, 3):
             y0 = ref.brq_linear_reference(x[:m].float(), wp, ws, r, None, True).double()
-            for cfg in (dict(BN=4, NBK=2), dict(BN=16, NBK=4)):
+            for cfg in (dict(BN=4, NBK=2), dict(BN=32, NBK=4)):
                 y = gemm.gemv_a4(xp[:m], xs[:m], wp, ws, bias=b, out_dtype=torch.float32, config=cfg).double()
                 assert ((y - b.double() - y0).norm() / y0.norm()) < 1e-5, (m, cfg)
         return
