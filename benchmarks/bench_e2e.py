@@ -155,7 +155,9 @@ def main(argv=None) -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     if os.environ.get("OUT"):
-        shutil.copy(out, Path(os.environ["OUT"]) / out.name)
+        dest = Path(os.environ["OUT"]) / out.name
+        if dest.resolve() != out.resolve():
+            shutil.copy(out, dest)
 
 
 def markdown(result: dict) -> str:

@@ -329,9 +329,11 @@ def gemv(a, weight_packed, weight_scale, bias=None, config=None, use_asm=None):
     return c
 
 
+# H100, a 32-layer decode sequence (benchmarks/decode_layers.py): the small tiles win (BN 4 x
+# NBK 32, 4 warps; BN 2 x 32, 2 warps for gate_up): more CTAs than SMs, one block per thread
 _GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=1)
-                    for bn, nbk, w in ((4, 32, 4), (8, 16, 4), (8, 32, 4), (8, 32, 8), (16, 16, 4), (16, 32, 8),
-                                       (32, 16, 8), (4, 64, 8))]
+                    for bn, nbk, w in ((4, 32, 4), (2, 32, 2), (8, 32, 4), (4, 64, 4), (2, 64, 4), (4, 64, 8),
+                                       (8, 16, 4), (16, 32, 8))]
 
 _PAIRS_DECODE = """
     shl.b32 t, $WORD, 9;  and.b32 t, t, 0x0E000E00; shl.b32 u, $WORD, 12; and.b32 u, u, 0x80008000; or.b32 d0, t, u;

@@ -1,0 +1,90 @@
+"""The decode step's linears as vLLM runs them, without vLLM (GPU).
+
+    python benchmarks/decode_layers.py [--layers 32] [--out DIR]
+
+32 Llama-3-8B layers with distinct random weights: per layer act-quant + linear for qkv, o,
+gate_up and down (down with the shared 32-block rotation), M = 1, all 4 x 32 pairs captured
+in one CUDA graph, so the weights stream from HBM and each kernel starts cold, as in a
+decode step. Timed for the dispatch path (gemv_a4, autotuned), for gemv_a4 with each of its
+configs pinned for every shape, and for cuBLAS bf16 on the same shapes. It shows how far the
+isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
+Writes decode-layers-<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import SHAPES, graph_time, outlier_x  # noqa: E402
+
+from vllm_brq import mxfp4  # noqa: E402
+from vllm_brq.kernels import act_quant as aq  # noqa: E402
+from vllm_brq.kernels import dispatch, gemm  # noqa: E402
+from vllm_brq.rotation import block_rotation  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = []
+    for _ in range(args.layers):
+        layer = {}
+        for name, (N, K) in SHAPES.items():
+            wp, ws = mxfp4.quantize(torch.randn(N, K, device="cuda", generator=gen) * 0.02)
+            r = aq.Rotation.prepare(block_rotation(K, 32, 0, "b", shared=True).float().cuda()) if name == "down" else None
+            layer[name] = (wp, ws, r, outlier_x(1, K, gen))
+        layers.append(layer)
+
+    def step(config=None):
+        def run():
+            for layer in layers:
+                for wp, ws, r, x in layer.values():
+                    if config is None:
+                        dispatch.brq_linear(x, wp, ws, r.r if r else None, None, True,
+                                            rotation_sign=r.sign if r else None)
+                    else:
+                        xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS)
+                        gemm.gemv_a4(xp, xs, wp, ws, config=config)
+        return run
+
+    n_lin = 4 * args.layers
+    res = {"dispatch (act-quant + gemv_a4, autotuned)": graph_time([step()], reps=20) * 1e3 / args.layers}
+    picks = {str(k): str(v) for k, v in gemm._gemv_a4_kernel.cache.items()}
+    for c in gemm._GEMV_A4_CONFIGS:
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        res[f"pinned BN={c.kwargs['BN']} NBK={c.kwargs['NBK']} warps={c.num_warps}"] = (
+            graph_time([step(cfg)], reps=20) * 1e3 / args.layers)
+    del layers
+    torch.cuda.empty_cache()
+    wb = [{n: torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+           for n, (N, K) in SHAPES.items()} for _ in range(args.layers)]
+    xb = {n: outlier_x(1, K, gen) for n, (N, K) in SHAPES.items()}
+    res["cublas bf16"] = graph_time([lambda: [torch.matmul(xb[n], w.t()) for lw in wb for n, w in lw.items()]],
+                                    reps=20) * 1e3 / args.layers
+    bf16 = res["cublas bf16"]
+    props = torch.cuda.get_device_properties(0)
+    out = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(sys.argv), "layers": args.layers, "linears_per_graph": n_lin,
+           "us_per_layer": {k: round(v, 2) for k, v in res.items()},
+           "ratio_vs_bf16": {k: round(bf16 / v, 3) for k, v in res.items()}, "autotuner_picks": picks}
+    print(json.dumps(out, indent=1))
+    gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"decode-layers-{gpu}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
