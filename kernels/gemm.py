@@ -94,9 +94,11 @@ def _k_tile(a_rows, w_rows, s_rows, k0, offs_m, M, n_ok, K, BK: tl.constexpr):
 @triton.jit
 def _dot_acc(a, w, acc, SWAP: tl.constexpr):
     """acc += a w^T, or with SWAP (weights on the MMA's M side, acc [BN, BM]) acc += w a^T."""
-    if SWAP:
-        return tl.dot(w, tl.trans(a), acc)
-    return tl.dot(a, tl.trans(w), acc)
+    if SWAP:  # both branches assign: a constexpr `if` with an early return still builds the other dot
+        acc = tl.dot(w, tl.trans(a), acc)
+    else:
+        acc = tl.dot(a, tl.trans(w), acc)
+    return acc
 
 
 @triton.jit
