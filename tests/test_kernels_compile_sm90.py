@@ -1,0 +1,89 @@
+"""Every Triton kernel compiles for Hopper (sm90) on this CPU machine, for each autotune config.
+
+The interpreter runs the kernels' Python, not Triton's compiler, so it misses what only the
+compiler rejects (a constexpr `if` with an early return once built both dots of a SWAP
+config: the H100 refused it). Triton compiles to PTX and a cubin without a GPU (its wheel
+ships ptxas); nothing is launched. Pointer and stride arguments get the divisibility by 16
+that the launcher specializes on aligned tensors, as on the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from vllm_brq.kernels import act_quant as aq  # noqa: E402
+from vllm_brq.kernels import gemm  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+W = {"w_ptr": "*u8", "ws_ptr": "*u8", "bias_ptr": "*bf16", "c_ptr": "*bf16"}
+
+
+def _jit(kernel):
+    """The JITFunction under autotune/heuristics wrappers, and the autotune configs (or None)."""
+    configs = getattr(kernel, "configs", None)
+    fn = kernel
+    while type(fn).__name__ != "JITFunction":
+        fn = fn.fn
+    return fn, configs
+
+
+def _compile(kernel, ptrs: dict, constexprs: dict, num_warps=4, num_stages=1):
+    fn, _ = _jit(kernel)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = ptrs.get(name, "i32")
+            if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    given = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=given, attrs=attrs)
+    return triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _each_config(kernel, ptrs, variants):
+    _, configs = _jit(kernel)
+    for variant in variants:
+        for c in configs or [None]:
+            cx = dict(variant, **(c.kwargs if c else {}))
+            ck = _compile(kernel, ptrs, cx, c.num_warps if c else cx.pop("num_warps", 4), c.num_stages if c else 1)
+            assert ck.asm["cubin"], (kernel, cx)
+
+
+GEMM_CASES = {
+    "w4a4_fp8": (gemm._w4a4_fp8_kernel, dict(W, a_ptr="*fp8e4nv", ea_ptr="*i32"), [dict(HAS_BIAS=True)]),
+    "w4a16": (gemm._w4a16_kernel, dict(W, a_ptr="*bf16"), [dict(HAS_BIAS=False)]),
+    "w4a16_decode": (gemm._decode_kernel, dict(W, a_ptr="*bf16"), [dict(HAS_BIAS=True)]),
+    "gemv": (gemm._gemv_kernel, dict(W, a_ptr="*bf16"), [dict(HAS_BIAS=False, BM=1, USE_ASM=True),
+                                                          dict(HAS_BIAS=True, BM=4, USE_ASM=False)]),
+    "gemv_a4": (gemm._gemv_a4_kernel, dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32"),
+                [dict(HAS_BIAS=False, BM=1, USE_ASM=True, EVEN_K=True),
+                 dict(HAS_BIAS=True, BM=4, USE_ASM=True, EVEN_K=False)]),
+    "dequantize": (gemm._dequant_kernel, {"w_ptr": "*u8", "ws_ptr": "*u8", "out_ptr": "*bf16"}, [dict(BN=32, BK=256)]),
+}
+
+ACT = {"x_ptr": "*bf16", "r_ptr": "*fp32", "rs_ptr": "*bf16"}
+ACT_CASES = {
+    "act_quant_2d": (aq._act_quant_kernel, dict(ACT, q_ptr="*u8", s_ptr="*u8"),
+                     [dict(R_BSTRIDE=0, HAS_R=True, MODE=m, BM=1, NB=16, ROT_PRECISION="tf32x3", SIGN=sign)
+                      for m in (aq.MODE_MXFP4, aq.MODE_PAIRS) for sign in (False, True)]
+                     + [dict(R_BSTRIDE=1024, HAS_R=True, MODE=aq.MODE_MXFP4, BM=16, NB=4, ROT_PRECISION="tf32x3",
+                             SIGN=True)]),
+    "act_quant_fp8_row": (aq._act_quant_fp8_row_kernel,
+                          dict(ACT, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
+                          [dict(HAS_R=r, SIGN=r, BM=bm, NBP=nbp, ROT_PRECISION="tf32x3", FAST=True, HAD=had, num_warps=w)
+                           for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for r, had in ((False, False), (True, False),
+                                                                                        (True, True))]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEMM_CASES) + sorted(ACT_CASES))
+def test_kernel_compiles_for_sm90(name):
+    kernel, ptrs, variants = {**GEMM_CASES, **ACT_CASES}[name]
+    _each_config(kernel, ptrs, variants)
