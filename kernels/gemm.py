@@ -79,11 +79,11 @@ def _pow2_clamped(e):
 
 
 @triton.jit
-def _k_tile(a_rows, w_rows, s_rows, k0, offs_m, M, n_ok, K, BK: tl.constexpr):
-    """The K tile at k0 of the tensor-core GEMMs: activation [BM, BK], packed weight bytes
-    [BN, BK/2] and E8M0 scales [BN, BK/32], zero past M, N and K."""
-    offs_k = k0 + tl.arange(0, BK)
-    a = tl.load(a_rows + offs_k[None, :], mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+def _k_tile(a_rows, w_rows, s_rows, k0, offs_k, offs_m, M, n_ok, K, BK: tl.constexpr):
+    """The K tile at k0 of the tensor-core GEMMs (offs_k = arange(BK)): activation [BM, BK],
+    packed weight bytes [BN, BK/2] and E8M0 scales [BN, BK/32], zero past M, N and K."""
+    k_ok = (k0 + offs_k) < K
+    a = tl.load(a_rows + k0 + offs_k[None, :], mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
     kp = k0 // 2 + tl.arange(0, BK // 2)
     p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < K // 2)[None, :], other=0)
     ks = k0 // 32 + tl.arange(0, BK // 32)
@@ -139,13 +139,14 @@ def _w4a4_fp8_kernel(a_ptr, ea_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_K
         cs = k_s + tl.arange(0, 128)
         s = tl.load(s_rows + cs[None, :], mask=n_ok[:, None] & (cs < K // 32)[None, :], other=0)
         smax = tl.maximum(smax, tl.max(s.to(tl.int32), axis=1))
+    offs_k = tl.arange(0, BK)
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     for k0 in range(0, K, BK):
-        a, p, s = _k_tile(a_rows, w_rows, s_rows, k0, offs_m, M, n_ok, K, BK)
+        a, p, s = _k_tile(a_rows, w_rows, s_rows, k0, offs_k, offs_m, M, n_ok, K, BK)
         acc = _dot_acc(a, _weight_fp8(p, s, smax, BN, BK), acc, SWAP)
     if SWAP:
         acc = tl.trans(acc)
@@ -175,12 +176,13 @@ def _w4a16_body(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, strid
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    offs_k = tl.arange(0, BK)
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        a, p, s = _k_tile(a_rows, w_rows, s_rows, k0, offs_m, M, n_ok, K, BK)
+        a, p, s = _k_tile(a_rows, w_rows, s_rows, k0, offs_k, offs_m, M, n_ok, K, BK)
         acc = _dot_acc(a, _weight_dequant(p, s, BN, BK, a_ptr.dtype.element_ty), acc, SWAP)
     if SWAP:
         acc = tl.trans(acc)
