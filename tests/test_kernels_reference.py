@@ -95,3 +95,28 @@ def test_fp8_weight_reencoding_matches_reference_and_counts_flushes():
 def test_prepare_extras_is_empty_on_cpu():
     wp, ws = mxfp4.quantize(torch.randn(8, 64))
     assert dispatch.prepare_extras(wp, ws, block_rotation(64, 32, 1, "a", shared=True)) == {}
+
+
+def test_pairs_reference_is_a_permutation_of_the_block_values():
+    """MODE_PAIRS holds each block's E2M1 * 2 values once, moved to the gemv's pair slots."""
+    g, seed = _gen()
+    packed, scales = mxfp4.quantize(_outlier_x(g, 3, 128))
+    pairs, s = ref.pairs_reference(packed, scales)
+    order = ref.pairs_order_reference()
+    assert sorted(order.tolist()) == list(range(32))
+    vals = mxfp4.e2m1_table(packed.device)[mxfp4.unpack(packed).long()] * 2
+    assert torch.equal(pairs.float().unflatten(-1, (-1, 32))[..., order], vals.unflatten(-1, (-1, 32))), seed
+    assert torch.equal(s, scales)
+
+
+def test_gemv_a4_rejects_operands_that_do_not_fit():
+    import pytest
+
+    gemm = pytest.importorskip("vllm_brq.kernels.gemm")
+    wp, ws = mxfp4.quantize(torch.randn(8, 64))
+    codes, sc = mxfp4.quantize(torch.randn(1, 64))
+    with pytest.raises(ValueError, match="MODE_PAIRS"):  # packed codes (MODE_MXFP4), not fp16 pairs
+        gemm.gemv_a4(codes, sc, wp, ws)
+    pairs, sc5 = ref.pairs_reference(*mxfp4.quantize(torch.randn(5, 64)))
+    with pytest.raises(ValueError, match="M <= 4"):
+        gemm.gemv_a4(pairs, sc5, wp, ws)
