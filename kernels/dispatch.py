@@ -86,9 +86,9 @@ def gemv_a4_enabled() -> bool:
 def w4a16_dequant_enabled() -> bool:
     """W4A16 prefill (M > SMALL_M) dequantizes the weight to the activation dtype in one exact
     pass, then runs cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register W4A16 kernel, 0.29-0.35x of
-    bf16 at M >= 1024 on the H100). Predicted: the pass costs ~0.5 bf16-GEMM-equivalents of
-    memory traffic, so M >= 1024 reaches ~0.85x of bf16; measured rows: brq_w4a16 vs
-    brq_w4a16_inregister in benchmarks/results/kernels-h100.json."""
+    bf16 at M >= 1024 on the H100). Measured on the H100: 0.73-0.75x of bf16 at M = 1024,
+    0.80-0.92x at M = 4096-8192 (rows brq_w4a16 vs brq_w4a16_inregister in
+    benchmarks/results/kernels-h100.json)."""
     return os.environ.get("BRQ_W4A16_DEQUANT", "1") not in ("0", "false", "False", "")
 
 
