@@ -3,7 +3,7 @@
 Reference: kernels/reference.py (`quantize_activation_reference`, `fake_quantize_activation_reference`,
 `fp8_reencode_activation_reference`). One program owns BM rows and walks K in chunks of NB
 32-blocks held as an [NB, BM, 32] tile, so a block's rotation is one (batched) tensor-core
-dot and its amax a reduction over the last axis. Three outputs, picked at compile time:
+dot and its amax a reduction over the last axis. Four outputs, picked at compile time:
 
 - MODE_MXFP4: packed codes [M, K/2] + E8M0 scales [M, K/32], bit-identical to mxfp4.quantize
   (the spec format; the sm100 dot_scaled GEMM reads it).

@@ -13,6 +13,9 @@ registers; y[M, N] = A[M, K] W[N, K]^T accumulates in float32.
   checkpoints, and W4A4 at small M with A = the fake-quantized activation (exact MXFP4).
   With SWAP the weight tile is the MMA's M side, so decode (M <= 16) wastes no MMA rows
   and each program streams BN weight rows over the whole K (bandwidth-bound).
+- `gemv` (M <= 4, bf16/fp16 A) and `gemv_a4` (W4A4 decode, A in the act-quant's MODE_PAIRS):
+  bandwidth-bound, no tensor cores; gemv_a4's inner loop is inline PTX over int32 words of
+  nibbles and fp16x2 FMAs, exact within each 32-block.
 - `dequantize`: packed weights -> exact bf16/fp16/fp32 [N, K] in one pass, for W4A16
   prefill as dequantize + cuBLAS (M > 64; BRQ_W4A16_DEQUANT=0 keeps `w4a16`; kernels/dispatch.py).
 - `w4a4_dot_scaled`: sm100+, native `tl.dot_scaled` with e2m1 operands (not measurable on
