@@ -82,12 +82,26 @@ def test_fp8_weight_reencoding_matches_reference_and_counts_flushes():
     assert torch.equal(w8.float(), vals), seed
     assert scale.shape == (1, 37) and torch.equal(scale[0], torch.exp2((erow - ref.FP8_TOP).float())), seed
     assert flushed == int(((ws.int() - 127 - erow[:, None]) < -ref.FP8_RANGE).sum()) >= 1, seed
-    # the FP8 product with these operands is the exact MXFP4 product away from the flushed block
+    # the FP8 product is the exact MXFP4 product of the operands with their flushed blocks zeroed;
+    # the x500 outliers can flush an activation block too, so both sides are masked
     x = _outlier_x(g, 5, 256)
-    xa, ea = ref.fp8_reencode_reference(*ref.quantize_activation_reference(x, None))
+    xp, xs = ref.quantize_activation_reference(x, None)
+    xa, ea = ref.fp8_reencode_reference(xp, xs)
     y = (xa.double() @ w8.double().t()) * torch.exp2((ea - 6).double())[:, None] * scale.double()
+
+    def kept(packed, scales, erow):
+        flush = ((scales.int() - 127 - erow[:, None]) < -ref.FP8_RANGE).repeat_interleave(32, dim=1)
+        return mxfp4.dequantize(packed, scales).double().masked_fill(flush, 0)
+
+    y_exact = kept(xp, xs, ea) @ kept(wp, ws, erow).t()
+    assert torch.allclose(y, y_exact, rtol=1e-12, atol=1e-12 * y_exact.abs().max().item()), seed
+    # and with no flushed block in either operand it is the reference linear itself
+    x = torch.randn(5, 256, generator=g)
+    x[:, 7] *= 60
     keep = torch.ones(37, dtype=torch.bool)
     keep[3] = False
+    xa, ea = ref.fp8_reencode_reference(*ref.quantize_activation_reference(x, None))
+    y = (xa.double() @ w8.double().t()) * torch.exp2((ea - 6).double())[:, None] * scale.double()
     y0 = ref.brq_linear_reference(x, wp, ws, None, None, True).double()
     assert ((y - y0)[:, keep].norm() / y0[:, keep].norm()) < 1e-6, seed
 
