@@ -31,12 +31,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-MODES = {  # mode -> (checkpoint, vLLM arguments)
-    "bf16": ("llama3-8b-random", []),
-    "fp8": ("llama3-8b-random", ["--quantization", "fp8"]),
-    "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"]),
-    "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"]),
+MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
+    "bf16": ("llama3-8b-random", [], {}),
+    "fp8": ("llama3-8b-random", ["--quantization", "fp8"], {}),
+    "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {}),
+    "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"], {}),
+    # experiments (not in the default list): decode gemv_a4 as a programmatic dependent launch;
+    # prefill on vLLM's CUTLASS FP8 GEMM (benchmarks/NOTES-kernels.md, round 6)
+    "brq-w4a4-pdl": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),
+    "brq-w4a4-cutlass": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "cutlass"}),
 }
+DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")
 
 
@@ -85,7 +90,7 @@ def build_checkpoints(models: Path, tokenizer: Path) -> None:
         torch.cuda.empty_cache()  # the engines below need the GPU memory the random init cached
 
 
-def vllm_bench(kind: str, model: Path, extra: list[str], out_json: Path, log: Path) -> dict:
+def vllm_bench(kind: str, model: Path, extra: list[str], out_json: Path, log: Path, env: dict) -> dict:
     common = ["--model", str(model), "--max-model-len", "2048", "--seed", "0"]
     if kind == "latency":
         args = ["--input-len", "512", "--output-len", "128", "--batch-size", "1", "--num-iters-warmup", "3", "--num-iters", "10"]
@@ -95,7 +100,7 @@ def vllm_bench(kind: str, model: Path, extra: list[str], out_json: Path, log: Pa
            "--output-json", str(out_json)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env}).returncode
     if rc:
         raise RuntimeError(f"vllm bench {kind} failed ({rc}); see {log}:\n{log.read_text()[-3000:]}")
     res = json.loads(out_json.read_text())
@@ -106,7 +111,7 @@ def vllm_bench(kind: str, model: Path, extra: list[str], out_json: Path, log: Pa
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, type=Path)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     p.add_argument("--profile", default=",".join(PROFILED), help="modes whose decode step is profiled ('' for none)")
     p.add_argument("--state", type=Path, default=Path.home() / "e2e", help="keeps checkpoints and finished rows")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/e2e-<gpu>.json)")
@@ -121,10 +126,11 @@ def main(argv=None) -> None:
         row_file = state / "rows" / f"{mode}.json"
         if row_file.exists():
             continue
-        ckpt, extra = MODES[mode]
+        ckpt, extra, env = MODES[mode]
         d = state / "models" / ckpt
-        lat = vllm_bench("latency", d, extra, state / f"{mode}-latency.json", state / f"{mode}-latency.log")
-        thr = vllm_bench("throughput", d, extra, state / f"{mode}-throughput.json", state / f"{mode}-throughput.log")
+        lat = vllm_bench("latency", d, extra, state / f"{mode}-latency.json", state / f"{mode}-latency.log", env)
+        thr = vllm_bench("throughput", d, extra, state / f"{mode}-throughput.json", state / f"{mode}-throughput.log",
+                         env)
         row = {"mode": mode, "latency_s": lat["avg_latency"], "throughput_tok_s": thr["tokens_per_second"],
                "requests_s": thr.get("requests_per_second"),
                "output_tok_s": thr["tokens_per_second"] * 256 / (1024 + 256),
@@ -134,10 +140,10 @@ def main(argv=None) -> None:
     for mode in filter(None, args.profile.split(",")):
         prof = state / "rows" / f"profile-{mode}.json"
         if not prof.exists():
-            ckpt, extra = MODES[mode]
+            ckpt, extra, env = MODES[mode]
             cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), str(state / "models" / ckpt),
                    "--out", str(prof), *extra]
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, env={**os.environ, **env})
     rows = [json.loads((state / "rows" / f"{m}.json").read_text()) for m in MODES if (state / "rows" / f"{m}.json").exists()]
     profiles = {m: json.loads((state / "rows" / f"profile-{m}.json").read_text())
                 for m in MODES if (state / "rows" / f"profile-{m}.json").exists()}

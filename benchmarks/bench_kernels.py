@@ -8,11 +8,15 @@
 2. Speed, Llama-3-8B linear shapes at M in {1..8192}: every backend timed in the same run
    as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
+   Experiments timed beside the default path: brq_w4a4_pdl (M = 1, BRQ_PDL=1) and, when
+   vLLM is importable (PYTHONPATH with the kit), vllm_cutlass_fp8 (vLLM's FP8 GEMM alone)
+   and brq_w4a4_cutlass (BRQ_FP8_GEMM=cutlass).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -45,6 +49,36 @@ def outlier_x(M, K, gen, dtype=torch.bfloat16):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@contextlib.contextmanager
+def env_set(name, value):
+    """Run the dispatch with an experiment's environment switch (BRQ_PDL, BRQ_FP8_GEMM)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    dispatch._vllm_cutlass_scaled_mm.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+        dispatch._vllm_cutlass_scaled_mm.cache_clear()
+
+
+def vllm_cutlass():
+    """vLLM's CUTLASS FP8 GEMM (what `--quantization fp8` runs) when vLLM is importable here."""
+    with env_set("BRQ_FP8_GEMM", "cutlass"):
+        return dispatch._vllm_cutlass_scaled_mm()
+
+
+def pdl_pair_identical(x, r, wp, ws):
+    """act-quant (launch_dependents) -> gemv_a4 (pdl) gives the same bits as the plain pair."""
+    xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS, launch_dependents=True)
+    y = gemm.gemv_a4(xp, xs, wp, ws, pdl=True)
+    xp0, xs0 = aq.quantize_activation(x, r, aq.MODE_PAIRS)
+    return bool(torch.equal(y, gemm.gemv_a4(xp0, xs0, wp, ws)))
 
 
 def check(log, smollm2_path, decode=False):
@@ -121,6 +155,7 @@ def check(log, smollm2_path, decode=False):
                        gemv_on_fakequant=rel(gemm.gemv(xd[:4], wp, ws), y0[:4]),
                        gemv_a4=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws), y0[:4]),
                        gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
+                       pdl_identical=pdl_pair_identical(x[:1], r, wp, ws),
                        gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
                                                           - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()))
             res[key] = row
@@ -138,6 +173,7 @@ def check(log, smollm2_path, decode=False):
                    gemv_on_fakequant=rel(gemm.gemv(xd[:4], wp, ws), y0[:4]),
                    gemv_a4=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws), y0[:4]),
                    gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
+                   pdl_identical=pdl_pair_identical(x[:1], r, wp, ws),
                    gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
                                                       - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()),
                    gemv_asm_vs_pure_maxdiff=float((gemm.gemv(xd[:4], wp, ws, use_asm=True).float()
@@ -145,6 +181,9 @@ def check(log, smollm2_path, decode=False):
                    dispatch_w4a4=rel(dispatch.brq_linear(x, wp, ws, r, None, True), y0),
                    dispatch_w4a16=rel(dispatch.brq_linear(x, wp, ws, r, None, False),
                                       ref.brq_linear_reference(x.float(), wp, ws, r, None, False).double()))
+        if x.shape[0] > gemm.GEMV_MAX_M and vllm_cutlass() is not None:
+            with env_set("BRQ_FP8_GEMM", "cutlass"):
+                row["dispatch_w4a4_cutlass_bias"] = rel(dispatch.brq_linear(x, wp, ws, r, bias, True, **ex), yb0)
         res[key] = row
         log(key, {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()})
     return res
@@ -190,6 +229,8 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_bandwidth()
     log("copy bandwidth GB/s", round(copy_gbs))
+    cutlass = vllm_cutlass()
+    log("vLLM CUTLASS FP8 GEMM:", "available" if cutlass else "not importable (rows vllm_cutlass_fp8, brq_w4a4_cutlass skipped)")
     # activation quantization (the down_proj input, with and without the fused R4)
     for M, K in ((8192, 14336), (8192, 4096), (1, 14336)) if act_quant else ():
         x = outlier_x(M, K, gen)
@@ -238,9 +279,20 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
                     x8, wi.t(), scale_a=sx8, scale_b=sw8, out_dtype=torch.bfloat16) for wi in w8s])
             except RuntimeError as exc:  # cuBLAS rowwise FP8 refuses some shapes (e.g. M=1)
                 log("scaled_mm failed", shape, M, str(exc)[:120])
+            if cutlass is not None and M > gemm.GEMV_MAX_M:  # vLLM's FP8 GEMM (when vLLM is installed)
+                t["vllm_cutlass_fp8"] = graph_time([lambda wi=wi: cutlass(x8, wi.t(), sx8, sw8, torch.bfloat16)
+                                                   for wi in w8s])
             exs = [(wp.clone(), ws.clone(), {k: v.clone() for k, v in ex.items()}) for _ in range(n48)]
             t["brq_w4a4"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e)
                                         for p, s, e in exs])
+            if M == 1:  # BRQ_PDL=1: the gemv_a4 streams its first weight tiles during the act-quant
+                with env_set("BRQ_PDL", "1"):
+                    t["brq_w4a4_pdl"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e)
+                                                    for p, s, e in exs])
+            if cutlass is not None and M > gemm.GEMV_MAX_M:  # BRQ_FP8_GEMM=cutlass: act-quant + vLLM's GEMM
+                with env_set("BRQ_FP8_GEMM", "cutlass"):
+                    t["brq_w4a4_cutlass"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
+                        x, p, s, r, None, True, **e) for p, s, e in exs])
             del exs
             if M == 1024:  # BRQ_FP8_WEIGHTS=0: packed weights only (in-register FP8 kernel)
                 t["brq_w4a4_packed_only"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True)
@@ -257,8 +309,9 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
                 row = dict(op=shape, M=M, N=N, K=K, backend=backend, ms=ms, bf16_ms=bf16_ms,
                            ratio_vs_bf16=bf16_ms / ms)
                 if M <= 16:
-                    nbytes = {"cublas_bf16": wb.numel() * 2, "scaled_mm_fp8_rowwise": wb.numel()}.get(backend, packed_bytes)
-                    if backend == "brq_w4a4" and M > gemm.GEMV_MAX_M:
+                    nbytes = {"cublas_bf16": wb.numel() * 2, "scaled_mm_fp8_rowwise": wb.numel(),
+                              "vllm_cutlass_fp8": wb.numel()}.get(backend, packed_bytes)
+                    if backend in ("brq_w4a4", "brq_w4a4_cutlass") and M > gemm.GEMV_MAX_M:
                         nbytes = w8.numel()  # FP8 weight copy
                     row["weight_GBps"] = nbytes / ms / 1e6
                     row["frac_of_copy_bw"] = row["weight_GBps"] / copy_gbs

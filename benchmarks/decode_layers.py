@@ -5,7 +5,7 @@
 32 Llama-3-8B layers with distinct random weights: per layer act-quant + linear for qkv, o,
 gate_up and down (down with the shared 32-block rotation), M = 1, all 4 x 32 pairs captured
 in one CUDA graph, so the weights stream from HBM and each kernel starts cold, as in a
-decode step. Timed for the dispatch path (gemv_a4, autotuned), for gemv_a4 with each of its
+decode step. Timed for the dispatch path (gemv_a4, autotuned; and with BRQ_PDL=1), for gemv_a4 with each of its
 configs pinned for every shape, and for cuBLAS bf16 on the same shapes. It shows how far the
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
 Writes decode-layers-<gpu>.json.
@@ -24,7 +24,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import SHAPES, graph_time, outlier_x  # noqa: E402
+from bench_kernels import SHAPES, env_set, graph_time, outlier_x  # noqa: E402
 
 from vllm_brq import mxfp4  # noqa: E402
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
@@ -61,6 +61,9 @@ def main() -> None:
 
     n_lin = 4 * args.layers
     res = {"dispatch (act-quant + gemv_a4, autotuned)": graph_time([step()], reps=20) * 1e3 / args.layers}
+    with env_set("BRQ_PDL", "1"):
+        res["dispatch, BRQ_PDL=1 (gemv_a4 launched during its act-quant)"] = (
+            graph_time([step()], reps=20) * 1e3 / args.layers)
     picks = {str(k): str(v) for k, v in gemm._gemv_a4_kernel.cache.items()}
     for c in gemm._GEMV_A4_CONFIGS:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

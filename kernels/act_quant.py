@@ -31,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 MODE_MXFP4 = 0
 MODE_DEQUANT = 1
@@ -130,7 +131,10 @@ def _row_scale(erow):
 @triton.jit
 def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                       R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, MODE: tl.constexpr,
-                      BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr):
+                      BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr,
+                      LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:  # a PDL-launched GEMV after this may start streaming its weights now
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_m = pid * BM + tl.arange(0, BM)
     if MODE == 2:  # the row exponent needs the whole row: one program walks all of K
@@ -479,7 +483,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                         mode: int = MODE_MXFP4, block_m: int | None = None, nb: int | None = None,
                         num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
                         with_scale: bool = False, fp8_impl: str | None = None,
-                        programs_per_sm: int | None = None, fast_round: bool = True):
+                        programs_per_sm: int | None = None, fast_round: bool = True,
+                        launch_dependents: bool = False):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     (MODE_PAIRS: float16 [M, K] in `pairs_order`, scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
@@ -487,7 +492,9 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     MODE_FP8 `fp8_impl`: 'persist' (one pass, persistent, next rows prefetched), 'row' (one
     pass, a program per row tile), 'two_phase' (2D grid: chunk maxima, then re-read and
     write), 'walk' (round 1: a row walk, twice); None picks `default_fp8_impl`.
-    `input_rotation`: None, a tensor, or a `Rotation` (sign-matrix fast path)."""
+    `input_rotation`: None, a tensor, or a `Rotation` (sign-matrix fast path).
+    launch_dependents (MXFP4, PAIRS, DEQUANT): let a programmatic-dependent kernel queued
+    next (gemm.gemv_a4 with pdl) launch as soon as this one starts."""
     M, K = x.shape
     if K % 32:
         raise ValueError(f"activation quantization needs K % 32 == 0, got {K}")
@@ -556,5 +563,6 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
         x, r if r is not None else x, rs, q, s, M, K, x.stride(0), q.stride(0),
         s.stride(0) if s.dim() == 2 else 1,
         R_BSTRIDE=r_bstride, HAS_R=r is not None, MODE=mode, BM=block_m, NB=nb,
-        ROT_PRECISION=rot_precision, SIGN=sign is not None, num_warps=num_warps or 4)
+        ROT_PRECISION=rot_precision, SIGN=sign is not None, LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
+        num_warps=num_warps or 4)
     return q if mode == MODE_DEQUANT else (q, s)

@@ -8,10 +8,12 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
   reference (kernels/reference.py); on CUDA with a one-time warning.
 - W4A4, M = 1 (M <= 4 without the FP8 copy): activation quantized to MXFP4 as fp16 pairs
   (MODE_PAIRS), then the bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0:
-  fake-quant bf16 + gemv).
+  fake-quant bf16 + gemv); BRQ_PDL=1 launches the gemv as a programmatic dependent of the
+  act-quant (experimental, off until measured).
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
-  (act_quant.default_fp8_impl), then cuBLAS torch._scaled_mm with row/column powers of two:
-  exact MXFP4 up to blocks 14 binades below their row's largest.
+  (act_quant.default_fp8_impl), then torch._scaled_mm with row/column powers of two:
+  exact MXFP4 up to blocks 14 binades below their row's largest (BRQ_FP8_GEMM=cutlass:
+  vLLM's CUTLASS scaled_mm instead, the GEMM `--quantization fp8` runs; experimental).
 - W4A4 prefill on sm100+ (M > SMALL_M): native e2m1 tl.dot_scaled (written, not measured).
 - W4A4 without the FP8 copy: fake-quant bf16 + the W4A16 kernel (M <= SMALL_M or sm80), else
   the in-register FP8 GEMM over packed weights (gemm.w4a4_fp8).
@@ -81,6 +83,38 @@ def fp8_weights_enabled() -> bool:
 def gemv_a4_enabled() -> bool:
     """BRQ_GEMV_A4=0: W4A4 decode takes round 3's gemv (bf16 fake-quant activation, float32 FMAs)."""
     return os.environ.get("BRQ_GEMV_A4", "1") not in ("0", "false", "False", "")
+
+
+def pdl_enabled() -> bool:
+    """BRQ_PDL=1: the decode gemv_a4 starts streaming its first weight tiles while the act-quant
+    before it runs (programmatic dependent launch, sm90+). Off by default: not yet measured."""
+    return os.environ.get("BRQ_PDL", "0") not in ("0", "false", "False", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _vllm_cutlass_scaled_mm():
+    """vLLM's CUTLASS FP8 GEMM when BRQ_FP8_GEMM=cutlass and vLLM's CUDA ops load, else None
+    (torch._scaled_mm). Read once per process: the choice is fixed when CUDA graphs capture."""
+    if os.environ.get("BRQ_FP8_GEMM", "torch") != "cutlass":
+        return None
+    try:
+        from vllm import _custom_ops as ops
+
+        if ops.cutlass_scaled_mm_supports_fp8(90):
+            return ops.cutlass_scaled_mm
+    except Exception as exc:  # pragma: no cover - depends on the install
+        _warn_once(f"vllm-brq: BRQ_FP8_GEMM=cutlass but vLLM's CUTLASS ops are unavailable ({exc!r}); "
+                   "using torch._scaled_mm")
+    return None
+
+
+def scaled_mm_fp8(xf: torch.Tensor, xsc: torch.Tensor, weight_fp8: torch.Tensor, weight_fp8_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(e4m3 [M, K] * float32 [M, 1]) x (e4m3 [N, K] * float32 [1, N])^T (+ bias) -> [M, N]."""
+    cutlass = _vllm_cutlass_scaled_mm()
+    if cutlass is not None:
+        return cutlass(xf, weight_fp8.t(), xsc, weight_fp8_scale, out_dtype, bias)
+    return torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias, out_dtype=out_dtype)
 
 
 def w4a16_dequant_enabled() -> bool:
@@ -195,8 +229,9 @@ def brq_linear(
         # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100).
         # MXFP4 activation as fp16 pairs + the fp16 block-sum gemv (BRQ_GEMV_A4=0: fake-quant bf16 + gemv)
         if gemv_a4_enabled():
-            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS)
-            y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
+            pdl = backend != "sm80" and pdl_enabled()
+            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=pdl)
+            y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype, pdl=pdl)
         else:
             xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
             y = gemm.gemv(xq, weight_packed, weight_scale, bias)
@@ -206,8 +241,7 @@ def brq_linear(
     elif weight_fp8 is not None:
         # one-pass row act-quant (K <= ROW_KERNEL_MAX_K, no per-block R), else two-phase (act_quant.default_fp8_impl)
         xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True)
-        y = torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias,
-                             out_dtype=x.dtype)
+        y = scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, x.dtype)
     elif M <= SMALL_M or backend == "sm80":
         xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
         y = gemm.w4a16(xq, weight_packed, weight_scale, bias)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from vllm_brq.kernels.act_quant import e2m1_bits
 
@@ -428,7 +429,7 @@ def _w_tile_load(w_tile, s_tile, kb, KB, NBK: tl.constexpr, offs_b, EVEN_K: tl.c
 @triton.jit
 def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_asm,
                     stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr):
+                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     """Round 5 decode (W4A4, M <= 4). Both operands are E2M1 inside a 32-block, so a block's
     dot product is exact in fp16: the weight nibbles become fp16 E2M1 * 2^-14 by shifts and
     masks on whole int32 words (8 nibbles, 4 fp16x2 registers), the activation arrives
@@ -439,7 +440,10 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     A thread reads whole blocks (16-byte weight loads, the activation from L1 in the same
     layout: no shared memory), the next tile's weights are loaded before this tile's math,
     block sums accumulate per (row, block) lane until one reduction at the end, and rows past
-    N re-read row N-1 (stores are masked) so the loop has no masks when K/32 % NBK == 0."""
+    N re-read row N-1 (stores are masked) so the loop has no masks when K/32 % NBK == 0.
+    PDL (programmatic dependent launch): the first two weight tiles are requested before
+    griddepcontrol.wait, so they stream in while the act-quant that feeds this kernel ends;
+    nothing written by an earlier kernel (activation, output) is touched before the wait."""
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -452,6 +456,8 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     # two tiles in flight: this one and the next (tiles past the end re-read the last one: no masks)
     p, s = _w_tile_load(w_tile, s_tile, 0, KB, NBK, offs_b, EVEN_K, USE_ASM)
     p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+    if PDL:
+        gdc_wait()
     acc1 = tl.zeros([BN, NBK], dtype=tl.float32)  # M = 1: per-thread partial sums, reduced once at the end
     acc = tl.zeros([BM, BN], dtype=tl.float32)  # M > 1: reduced every tile
     for kb in range(0, KB, NBK):
@@ -492,10 +498,12 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
 
 
 def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
-            use_asm=None):
+            use_asm=None, pdl=False):
     """W4A4 decode: MXFP4 activation in the act-quant's MODE_PAIRS (float16 [M <= GEMV_MAX_M, K]
     + E8M0 [M, K/32]) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product up to
-    float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel)."""
+    float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel).
+    pdl: launch as a programmatic dependent (sm90+) of the kernel before it on the stream,
+    which should trigger early (act-quant `launch_dependents`); ignored by the interpreter."""
     M, K = a_pairs.shape
     N = weight_packed.shape[0]
     if (a_pairs.dtype != torch.float16 or weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32)
@@ -510,11 +518,14 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
         use_asm = not _interpreting()
     bm = triton.next_power_of_2(max(M, 1))
     launch, cfg = _launcher(_gemv_a4_kernel, config)
+    pdl = pdl and not _interpreting()
+    if pdl:
+        cfg["launch_pdl"] = True
     a32, w32 = a_pairs.view(torch.int32), weight_packed.view(torch.int32)  # the kernel reads int32 words
     launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
         a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
         a32.stride(0), a_scale.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, **cfg)
+        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, **cfg)
     return c
 
 

@@ -63,18 +63,18 @@ GEMM_CASES = {
     "gemv": (gemm._gemv_kernel, dict(W, a_ptr="*bf16"), [dict(HAS_BIAS=False, BM=1, USE_ASM=True),
                                                           dict(HAS_BIAS=True, BM=4, USE_ASM=False)]),
     "gemv_a4": (gemm._gemv_a4_kernel, dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32"),
-                [dict(HAS_BIAS=False, BM=1, USE_ASM=True, EVEN_K=True),
-                 dict(HAS_BIAS=True, BM=4, USE_ASM=True, EVEN_K=False)]),
+                [dict(HAS_BIAS=False, BM=1, USE_ASM=True, EVEN_K=True, PDL=True),
+                 dict(HAS_BIAS=True, BM=4, USE_ASM=True, EVEN_K=False, PDL=False)]),
     "dequantize": (gemm._dequant_kernel, {"w_ptr": "*u8", "ws_ptr": "*u8", "out_ptr": "*bf16"}, [dict(BN=32, BK=256)]),
 }
 
 ACT = {"x_ptr": "*bf16", "r_ptr": "*fp32", "rs_ptr": "*bf16"}
 ACT_CASES = {
     "act_quant_2d": (aq._act_quant_kernel, dict(ACT, q_ptr="*u8", s_ptr="*u8"),
-                     [dict(R_BSTRIDE=0, HAS_R=True, MODE=m, BM=1, NB=16, ROT_PRECISION="tf32x3", SIGN=sign)
-                      for m in (aq.MODE_MXFP4, aq.MODE_PAIRS) for sign in (False, True)]
+                     [dict(R_BSTRIDE=0, HAS_R=True, MODE=m, BM=1, NB=16, ROT_PRECISION="tf32x3", SIGN=sign,
+                           LAUNCH_DEPENDENTS=sign) for m in (aq.MODE_MXFP4, aq.MODE_PAIRS) for sign in (False, True)]
                      + [dict(R_BSTRIDE=1024, HAS_R=True, MODE=aq.MODE_MXFP4, BM=16, NB=4, ROT_PRECISION="tf32x3",
-                             SIGN=True)]),
+                             SIGN=True, LAUNCH_DEPENDENTS=False)]),
     "act_quant_fp8_row": (aq._act_quant_fp8_row_kernel,
                           dict(ACT, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
                           [dict(HAS_R=r, SIGN=r, BM=bm, NBP=nbp, ROT_PRECISION="tf32x3", FAST=True, HAD=had, num_warps=w)
@@ -87,3 +87,25 @@ ACT_CASES = {
 def test_kernel_compiles_for_sm90(name):
     kernel, ptrs, variants = {**GEMM_CASES, **ACT_CASES}[name]
     _each_config(kernel, ptrs, variants)
+
+
+def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait():
+    """With PDL the gemv may run while the act-quant that writes its input ends: only weights
+    and their scales (two tiles: 2 x 16-byte words + 2 scale bytes) may be loaded before
+    griddepcontrol.wait; without PDL there is no wait at all."""
+    ptrs = dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32")
+    cx = dict(HAS_BIAS=True, BM=1, USE_ASM=True, EVEN_K=True, BN=4, NBK=32)
+    lines = _compile(gemm._gemv_a4_kernel, ptrs, dict(cx, PDL=True)).asm["ptx"].splitlines()
+    waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+    assert len(waits) == 1
+    early = [line.split()[0] for line in lines[:waits[0]] if "ld.global" in line]
+    assert sorted(early) == ["ld.global.nc.u8", "ld.global.nc.u8", "ld.global.v4.b32", "ld.global.v4.b32"], early
+    assert "griddepcontrol" not in _compile(gemm._gemv_a4_kernel, ptrs, dict(cx, PDL=False)).asm["ptx"]
+
+
+def test_act_quant_triggers_dependents_first_only_when_asked():
+    ptrs = dict(ACT, q_ptr="*fp16", s_ptr="*u8")
+    cx = dict(R_BSTRIDE=0, HAS_R=False, MODE=aq.MODE_PAIRS, BM=1, NB=16, ROT_PRECISION="tf32x3", SIGN=False)
+    ptx = _compile(aq._act_quant_kernel, ptrs, dict(cx, LAUNCH_DEPENDENTS=True)).asm["ptx"]
+    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
+    assert "griddepcontrol" not in _compile(aq._act_quant_kernel, ptrs, dict(cx, LAUNCH_DEPENDENTS=False)).asm["ptx"]

