@@ -3,9 +3,11 @@ README tables rendered from committed results (so a results file and its table a
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
+import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -13,6 +15,20 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import accuracy_table  # noqa: E402
 import bench_e2e  # noqa: E402
 import profile_decode  # noqa: E402
+import report  # noqa: E402
+
+SCRIPTS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bench_script_imports_without_a_gpu(name):
+    """Every GPU script at least imports here (names, signatures of what it calls at import)."""
+    assert importlib.import_module(name).__doc__
+
+
+def test_kernel_table_in_readme_is_the_results_file():
+    table = report.kernels_table(REPO / "benchmarks/results/kernels-h100.json")
+    assert table in (REPO / "README.md").read_text()
 
 
 def test_decode_profile_categories():
