@@ -111,10 +111,11 @@ def check(log, smollm2_path, decode=False):
                 res[key].update(sign_rot=rp.sign is not None, sign_code_bytes_diff=int((qs != q0).sum()),
                                 sign_scale_diff=int((ss != s0).sum()), sign_dequant_diff=int((ds != d0).sum()))
             if r is None or r.dim() == 2:
-                for tag, rr in (("row", r), ("row_sign", rp)):
-                    if tag == "row_sign" and rr is None:
+                for tag, rr, rounding in (("row", r, "fast"), ("row_sign", rp, "fast"), ("row_bits", r, "bits"),
+                                          ("row_sign_bits", rp, "bits")):
+                    if tag.startswith("row_sign") and rr is None:
                         continue
-                    f1, e1, sc1 = aq.quantize_activation(x, rr, aq.MODE_FP8, with_scale=True)
+                    f1, e1, sc1 = aq.quantize_activation(x, rr, aq.MODE_FP8, with_scale=True, rounding=rounding)
                     res[key].update({f"{tag}_fp8_diff": int((f1.float() != f0).sum()),
                                      f"{tag}_rowexp_diff": int((e1 != e0).sum()),
                                      f"{tag}_scale_diff": int((sc1[:, 0] != torch.exp2((e0 - 6).double()).float()).sum())})
@@ -242,8 +243,11 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
         for mode, mname, obytes in ((aq.MODE_FP8, "fp8", 1.0 + 8 / K), (aq.MODE_MXFP4, "mxfp4", 0.5 + 1 / 32),
                                     (aq.MODE_DEQUANT, "dequant", 2.0)):
             rots = (("none", None), ("r32", r), ("r32sign", rp)) + ((("r32blksign", rpb),) if mode == aq.MODE_FP8 else ())
-            for rname, rr in rots:
-                kw = dict(with_scale=True) if mode == aq.MODE_FP8 else {}
+            variants = [(rname, rr, {}) for rname, rr in rots]
+            if mode == aq.MODE_FP8:  # round 6 rounding (experiment; the default is "fast")
+                variants += [(f"{rname}_bits", rr, dict(rounding="bits")) for rname, rr in rots[:3:2]]
+            for rname, rr, extra in variants:
+                kw = dict(with_scale=True, **extra) if mode == aq.MODE_FP8 else {}
                 ms = graph_time([lambda: aq.quantize_activation(x, rr, mode, **kw)])
                 gbs = M * K * (2 + obytes) / ms / 1e6
                 rows.append(dict(op=f"act_quant_{mname}_rot_{rname}", M=M, N=0, K=K, backend="triton", ms=ms,

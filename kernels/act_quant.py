@@ -246,7 +246,7 @@ def _store_rows(rows, v, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: 
 @triton.jit
 def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                               HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                              ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True, HAD: tl.constexpr = False):
+                              ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr = "fast", HAD: tl.constexpr = False):
     """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
     registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
     registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6).
@@ -255,20 +255,35 @@ def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, 
     x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], K,
                    NBP, BM, HAD)
     _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
-                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST, HAD)
+                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD)
 
 
 @triton.jit
-def _fp8_from_rotated(y, e, erow, FAST: tl.constexpr, c=1.0):
+def _fp8_from_rotated(y, e, erow, ROUND: tl.constexpr, c=1.0):
     """Rotated x / c, y [NB, BM, 32], block exponents e [NB, BM], row exponents erow [BM] ->
     float32 E2M1 * 2^(e - erow + 6), 0 for e - erow < -14 (exact in e4m3; fp8_reencode_reference).
     c * 2^-e is exact, so y * (c * 2^-e) = (y * c) * 2^-e: one rounding, as the dot's * c.
-    FAST (round 3): round a = y / 2^e to the E2M1 grid by its spacing (0.5 below 2, 1 below 4,
-    else 2) with the float32 round-to-nearest-even magic add, clamp to +-6, add +0.0 (no -0):
-    the same values and ties as the 7-compare index, in ~10 instead of ~30 operations."""
+    Three roundings of a = y / 2^e to the E2M1 grid (nearest, ties to even, saturate at 6),
+    the same values and signs (no -0) each:
+    - "compare" (round 1): the 7-compare index, then the value from the code (~30 operations);
+    - "fast" (round 3): by the grid spacing (0.5 below 2, 1 below 4, else 2) with the float32
+      round-to-nearest-even magic add, clamp to +-6, add +0.0 (~17);
+    - "bits" (round 6): no selects (the predicates spill to bit masks on sm90): |a| clamped
+      to <= 1.5 rounds by the magic add at spacing 0.5, clamped to >= 1.5 rounds to one mantissa
+      bit on the float32 bits (add 2^21 - 1 + the kept bit, mask); their sum - 1.5 is the
+      magnitude, the sign goes back by a bit-or; scale, flush and the -0 fix are one FMA by a
+      per-block multiplier that is 0 for flushed blocks (~13)."""
     a = y * (c * _pow2(-e))[:, :, None]
     d = e - erow[None, :]
-    if FAST:
+    if ROUND == "bits":
+        m = tl.abs(a)  # below 1.5: spacing 0.5 by the magic add; from 1.5 up: one mantissa bit
+        lo = (tl.minimum(m, 1.5) + 6291456.0) - 6291457.5  # 1.5 * 2^22 (spacing 0.5), minus 1.5
+        hb = tl.maximum(m, 1.5).to(tl.int32, bitcast=True)
+        hi = ((hb + 0x1FFFFF + ((hb >> 22) & 1)) & -4194304).to(tl.float32, bitcast=True)  # 0xFFC00000
+        r = tl.minimum(lo + hi, 6.0).to(tl.int32, bitcast=True) | (a.to(tl.int32, bitcast=True) & -2147483648)
+        mult = tl.where(d >= -14, _pow2(tl.maximum(d, -14) + 6), 0.0)  # 0: the flushed blocks
+        return r.to(tl.float32, bitcast=True) * mult[:, :, None] + 0.0  # + 0.0: -0 -> +0
+    if ROUND == "fast":
         m = tl.abs(a)
         inv = tl.where(m < 2.0, 2.0, tl.where(m < 4.0, 1.0, 0.5))
         sp = tl.where(m < 2.0, 0.5, tl.where(m < 4.0, 1.0, 2.0))
@@ -283,7 +298,7 @@ def _fp8_from_rotated(y, e, erow, FAST: tl.constexpr, c=1.0):
 @triton.jit
 def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
                   HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr, HAD: tl.constexpr = False):
+                  ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr, HAD: tl.constexpr = False):
     """The one-pass FP8 math on whole rows x [NBP, BM, 32] (shared by the row kernels).
     HAD: y = x @ (R/c) by `_fwht32`; c is folded into the block scale (amax(|y|) * c rounds
     like max |y * c|, monotone), saving the per-element * c."""
@@ -296,7 +311,7 @@ def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_q
         c = 1.0
     e = _block_exponent(tl.max(tl.abs(y), axis=2) * c)  # [NBP, BM]
     erow = tl.max(e, axis=0)  # [BM]
-    v = _fp8_from_rotated(y, e, erow, FAST, c)
+    v = _fp8_from_rotated(y, e, erow, ROUND, c)
     _store_rows(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm, v.to(tl.float8e4nv),
                 (offs_m < M)[None, :, None], K, NBP, BM, HAD)
     tl.store(e_ptr + offs_m, erow, mask=offs_m < M)
@@ -306,7 +321,7 @@ def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_q
 @triton.jit
 def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                                   HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                                  ROT_PRECISION: tl.constexpr, FAST: tl.constexpr = True,
+                                  ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr = "fast",
                                   HAD: tl.constexpr = False):
     """Round 3: the one-pass FP8 kernel made persistent (grid = a few programs per SM), with the
     next row tile's load issued before this tile's math (register double buffering), so
@@ -324,7 +339,7 @@ def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M,
         x_next = _load_rows(x_ptr + offs_n.to(tl.int64)[None, :, None] * stride_xm, (offs_n < M)[None, :, None],
                             K, NBP, BM, HAD)
         _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
-                      HAS_R, SIGN, BM, NBP, ROT_PRECISION, FAST, HAD)
+                      HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD)
         x = x_next
 
 
@@ -350,7 +365,8 @@ def _fp8_chunk_max_kernel(x_ptr, r_ptr, rs_ptr, pm_ptr, M, K, stride_xm, N_CHUNK
 @triton.jit
 def _fp8_apply_kernel(x_ptr, r_ptr, rs_ptr, pm_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm, N_CHUNKS,
                       R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                      NCP: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr, FAST: tl.constexpr = True):
+                      NCP: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr,
+                      ROUND: tl.constexpr = "fast"):
     """Two-phase FP8, phase 2 (2D grid): row exponent = max of the row's chunk maxima, then the
     chunk is re-read (and re-rotated) and written as e4m3; chunk 0 writes E and 2^(E - 6)."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -368,7 +384,7 @@ def _fp8_apply_kernel(x_ptr, r_ptr, rs_ptr, pm_ptr, q_ptr, e_ptr, sc_ptr, M, K, 
     x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols, mask=msk, other=0.0)
     y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
     e = _block_exponent(tl.max(tl.abs(y), axis=2))
-    v = _fp8_from_rotated(y, e, erow, FAST)
+    v = _fp8_from_rotated(y, e, erow, ROUND)
     tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols, v.to(tl.float8e4nv), mask=msk)
     if pc == 0:
         tl.store(e_ptr + offs_m, erow, mask=row_in)
@@ -483,7 +499,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                         mode: int = MODE_MXFP4, block_m: int | None = None, nb: int | None = None,
                         num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
                         with_scale: bool = False, fp8_impl: str | None = None,
-                        programs_per_sm: int | None = None, fast_round: bool = True,
+                        programs_per_sm: int | None = None, rounding: str = "fast",
                         launch_dependents: bool = False):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     (MODE_PAIRS: float16 [M, K] in `pairs_order`, scales uint8 [M, K/32]);
@@ -493,6 +509,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     pass, a program per row tile), 'two_phase' (2D grid: chunk maxima, then re-read and
     write), 'walk' (round 1: a row walk, twice); None picks `default_fp8_impl`.
     `input_rotation`: None, a tensor, or a `Rotation` (sign-matrix fast path).
+    rounding (MODE_FP8 row/persist/two_phase): "fast" (default, measured), "bits" (round 6,
+    fewer instructions, unmeasured) or "compare"; the same bytes (`_fp8_from_rotated`).
     launch_dependents (MXFP4, PAIRS, DEQUANT): let a programmatic-dependent kernel queued
     next (gemm.gemv_a4 with pdl) launch as soon as this one starts."""
     M, K = x.shape
@@ -529,7 +547,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                 grid = (max(1, min(triton.cdiv(M, bm), per_sm * _sm_count(x.device))),)
                 kern = _act_quant_fp8_persist_kernel
             kern[grid](*args, q, s, sc, M, K, x.stride(0), q.stride(0), HAS_R=r is not None,
-                       SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, FAST=fast_round,
+                       SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, ROUND=rounding,
                        HAD=isinstance(input_rotation, Rotation) and input_rotation.hadamard, num_warps=warps)
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl == "two_phase":
@@ -542,7 +560,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                       SIGN=sign is not None, num_warps=num_warps or 4)
             _fp8_chunk_max_kernel[grid](*args, pm, M, K, x.stride(0), n_chunks, **kw)
             _fp8_apply_kernel[grid](*args, pm, q, s, sc, M, K, x.stride(0), q.stride(0), n_chunks,
-                                    NCP=triton.next_power_of_2(n_chunks), FAST=fast_round, **kw)
+                                    NCP=triton.next_power_of_2(n_chunks), ROUND=rounding, **kw)
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl != "walk":
             raise ValueError(f"unknown fp8_impl {fp8_impl!r}")

@@ -77,9 +77,10 @@ ACT_CASES = {
                              SIGN=True, LAUNCH_DEPENDENTS=False)]),
     "act_quant_fp8_row": (aq._act_quant_fp8_row_kernel,
                           dict(ACT, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
-                          [dict(HAS_R=r, SIGN=r, BM=bm, NBP=nbp, ROT_PRECISION="tf32x3", FAST=True, HAD=had, num_warps=w)
+                          [dict(HAS_R=r, SIGN=r, BM=bm, NBP=nbp, ROT_PRECISION="tf32x3", ROUND=rnd, HAD=had, num_warps=w)
                            for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for r, had in ((False, False), (True, False),
-                                                                                        (True, True))]),
+                                                                                        (True, True))
+                           for rnd in ("fast", "bits")]),
 }
 
 

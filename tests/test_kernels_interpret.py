@@ -69,6 +69,9 @@ def _run(name, seed):
             assert torch.equal(a.view(torch.int16), a0.view(torch.int16)) and torch.equal(sa, sa0)
         return
     if name == "act_quant_fp8_row":  # one-pass FP8 mode, tf32x3 and +-1 (Rotation.prepare) rotations
+        # row 0, block 0 (scale 2^0 from the 6): every E2M1 tie, both signs, the clamp, +-0
+        ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 6.0, 0.0, 0.125, 4.5, 2.75, 1.5, 0.5, 3.0]
+        x[0, :32] = torch.tensor(ties + [-v for v in ties], dtype=torch.bfloat16)
         rh = aq.Rotation.prepare(rots[1])  # diag(D) H32: the row kernels' FWHT
         rp = aq.Rotation.prepare(rots[1].roll(1, 0))  # +-1 but not diag(s) H32: the dot
         assert rh.hadamard and not rp.hadamard and not aq.Rotation.prepare(rots[2]).hadamard
@@ -81,13 +84,16 @@ def _run(name, seed):
                 q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4, nb=2)
                 assert torch.equal(q, q0) and torch.equal(s, s0)
             impls = ("row", "persist", "two_phase") if rr is None or rr.dim() == 2 else ("two_phase",)
-            for impl in impls:  # persist with 1 program: it walks every row tile, prefetching the next
+            for impl, rounding in [(i, "fast") for i in impls] + [(impls[0], "bits"), (impls[-1], "compare")]:
+                # persist with 1 program: it walks every row tile, prefetching the next
                 kw = dict(programs_per_sm=1, block_m=2) if impl == "persist" else {}
                 kw.update(nb=2) if impl == "two_phase" else None
-                f, e, sc = aq.quantize_activation(x, r, aq.MODE_FP8, with_scale=True, fp8_impl=impl, **kw)
-                assert torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float()), impl
-                assert torch.equal(f.float(), f0) and torch.equal(e, e0), impl
-                assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)), impl  # no -0
+                f, e, sc = aq.quantize_activation(x, r, aq.MODE_FP8, with_scale=True, fp8_impl=impl,
+                                                  rounding=rounding, **kw)
+                assert torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float()), (impl, rounding)
+                assert torch.equal(f.float(), f0) and torch.equal(e, e0), (impl, rounding)
+                # byte-identical: no -0 where the reference has +0
+                assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)), (impl, rounding)
             f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2, fp8_impl="walk")
             assert torch.equal(f.float(), f0) and torch.equal(e, e0)
         return
