@@ -32,7 +32,7 @@ from vllm_brq import mxfp4
 from vllm_brq.kernels import act_quant as aq
 from vllm_brq.kernels import dispatch, gemm
 from vllm_brq.kernels import reference as ref
-from vllm_brq.rotation import block_rotation
+from vllm_brq.rotation import block_rotation, hadamard
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
@@ -87,7 +87,7 @@ def check(log, smollm2_path, decode=False):
     for K in (4096, 14336) if not decode else ():
         x = outlier_x(777, K, gen)
         for rname, r in (("none", None), ("shared", block_rotation(K, 32, 1, "c", shared=True).float()),
-                         ("per_block", block_rotation(K, 32, 1, "c").float())):
+                         ("plain_hadamard", hadamard(32).float()), ("per_block", block_rotation(K, 32, 1, "c").float())):
             q0, s0 = ref.quantize_activation_reference(x, r)
             q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4)
             f0, e0 = ref.fp8_reencode_reference(q0, s0)
@@ -238,14 +238,16 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
         r = block_rotation(K, 32, 0, "b", shared=True).float().cuda()
         rp = aq.Rotation.prepare(r)
         rpb = aq.Rotation.prepare(block_rotation(K, 32, 0, "b").float().cuda())  # per-block +-1 R
+        rpl = aq.Rotation.prepare(hadamard(32).float().cuda())  # brq-convert's R4 (signs folded into up_proj)
         c = torch.empty_like(x)
         base = graph_time([lambda: c.copy_(x)])
         for mode, mname, obytes in ((aq.MODE_FP8, "fp8", 1.0 + 8 / K), (aq.MODE_MXFP4, "mxfp4", 0.5 + 1 / 32),
                                     (aq.MODE_DEQUANT, "dequant", 2.0)):
-            rots = (("none", None), ("r32", r), ("r32sign", rp)) + ((("r32blksign", rpb),) if mode == aq.MODE_FP8 else ())
+            rots = (("none", None), ("r32", r), ("r32sign", rp), ("r32plain", rpl)) + (
+                (("r32blksign", rpb),) if mode == aq.MODE_FP8 else ())
             variants = [(rname, rr, {}) for rname, rr in rots]
             if mode == aq.MODE_FP8:  # round 6 rounding (experiment; the default is "fast")
-                variants += [(f"{rname}_bits", rr, dict(rounding="bits")) for rname, rr in rots[:3:2]]
+                variants += [(f"{rname}_bits", rr, dict(rounding="bits")) for rname, rr in rots if rname != "r32"]
             for rname, rr, extra in variants:
                 kw = dict(with_scale=True, **extra) if mode == aq.MODE_FP8 else {}
                 ms = graph_time([lambda: aq.quantize_activation(x, rr, mode, **kw)])
@@ -260,7 +262,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
         w = torch.randn(N, K, device="cuda", generator=gen) * 0.02
         wp, ws = mxfp4.quantize(w)
         wb = mxfp4.dequantize(wp, ws, torch.bfloat16)
-        r = block_rotation(K, 32, 0, "b", shared=True).float().cuda() if shape == "down" else None
+        r = hadamard(32).float().cuda() if shape == "down" else None  # R4 as brq-convert writes it
         ex = dispatch.prepare_extras(wp, ws, r)
         w8, sw8 = ex["weight_fp8"], ex["weight_fp8_scale"]  # the faithful FP8 re-encoding
         del w

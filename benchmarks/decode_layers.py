@@ -3,7 +3,7 @@
     python benchmarks/decode_layers.py [--layers 32] [--out DIR]
 
 32 Llama-3-8B layers with distinct random weights: per layer act-quant + linear for qkv, o,
-gate_up and down (down with the shared 32-block rotation), M = 1, all 4 x 32 pairs captured
+gate_up and down (down with the 32-block Hadamard R4 as brq-convert writes it), M = 1, all 4 x 32 pairs captured
 in one CUDA graph, so the weights stream from HBM and each kernel starts cold, as in a
 decode step. Timed for the dispatch path (gemv_a4, autotuned; and with BRQ_PDL=1), for gemv_a4 with each of its
 configs pinned for every shape, and for cuBLAS bf16 on the same shapes. It shows how far the
@@ -29,7 +29,7 @@ from bench_kernels import SHAPES, env_set, graph_time, outlier_x  # noqa: E402
 from vllm_brq import mxfp4  # noqa: E402
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
 from vllm_brq.kernels import dispatch, gemm  # noqa: E402
-from vllm_brq.rotation import block_rotation  # noqa: E402
+from vllm_brq.rotation import hadamard  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         layer = {}
         for name, (N, K) in SHAPES.items():
             wp, ws = mxfp4.quantize(torch.randn(N, K, device="cuda", generator=gen) * 0.02)
-            r = aq.Rotation.prepare(block_rotation(K, 32, 0, "b", shared=True).float().cuda()) if name == "down" else None
+            r = aq.Rotation.prepare(hadamard(32).float().cuda()) if name == "down" else None  # brq-convert's R4
             layer[name] = (wp, ws, r, outlier_x(1, K, gen))
         layers.append(layer)
 

@@ -7,7 +7,11 @@ Then, with x -> x R applied per block:
   b R1); lm_head <- W R1. The residual stream then carries x R1 everywhere.
 - R2 (per head): v <- R2^T W (rows of each head, and the v bias), o <- W R2 (columns of
   each head). One R2 for all heads, as grouped-query attention shares v heads.
-- R4 (MLP intermediate): down <- W R4 offline; the online x R4 is ``input_rotation``.
+- R4 (MLP intermediate): down <- W R4 offline; the online x R4 is ``input_rotation``. A
+  randomized Hadamard R4 = diag(s) H has its signs folded into up_proj's rows: the MLP
+  computes x = act(gate) * up, so up <- diag(s) W makes x diag(s) exactly, and the stored
+  online rotation is the plain Sylvester H (the GPU kernels' Hadamard transform then skips
+  its sign pass). The product x R4 is unchanged, bit for bit.
 All arithmetic is float64, rounded once to the source dtype, so --quantizer none
 reproduces the original model up to that rounding.
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_brq.rotation import make_rotation, rotate, rotate_weight_input, rotate_weight_output
+from vllm_brq.rotation import hadamard, make_rotation, rotate, rotate_weight_input, rotate_weight_output
 
 from .architectures import Dims, sub
 
@@ -36,17 +40,39 @@ class Rotations:
 
     r1: torch.Tensor | None
     r2: torch.Tensor | None
-    r4: torch.Tensor | None
+    r4: torch.Tensor | None  # the online R4 (the checkpoint's down_proj input_rotation)
+    r4_signs: torch.Tensor | None = None  # s folded into up_proj's rows; R4 as drawn = diag(s) r4
+
+    def r4_drawn(self) -> torch.Tensor:
+        """The R4 the weight side of down_proj is rotated by."""
+        return self.r4 if self.r4_signs is None else self.r4_signs[:, None] * self.r4
+
+
+def split_signs(r: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """r = diag(s) H (randomized Hadamard, [n, n]) -> (s, H); anything else -> (None, r)."""
+    n = r.shape[0]
+    if r.dim() != 2 or n & (n - 1):  # Sylvester sizes only (a Haar-random R is not diag(s) H)
+        return None, r
+    s = torch.sign(r[:, 0])
+    plain = s[:, None] * r
+    if not torch.equal(plain, hadamard(n, r.dtype)):
+        return None, r
+    return s, plain
 
 
 def build_rotations(kind: str, d: Dims, block: int, seed: int, r1: bool, r2: bool, r4: bool) -> Rotations:
     """R1 and R2 are folded offline (one block per position); R4 is applied online, so a
-    block rotation is one shared [b, b] matrix. One R of each kind serves every layer."""
+    block rotation is one shared [b, b] matrix, its random signs folded into up_proj.
+    One R of each kind serves every layer."""
     k = KIND_NAMES[kind]
+    r4_signs, r4_online = None, None
+    if r4 and (drawn := make_rotation(k, d.intermediate, block, seed, "r4", shared=True)) is not None:
+        r4_signs, r4_online = split_signs(drawn)
     return Rotations(
         r1=make_rotation(k, d.hidden, block, seed, "r1") if r1 else None,
         r2=make_rotation(k, d.head_dim, block, seed, "r2") if r2 else None,
-        r4=make_rotation(k, d.intermediate, block, seed, "r4", shared=True) if r4 else None,
+        r4=r4_online,
+        r4_signs=r4_signs,
     )
 
 
@@ -79,12 +105,18 @@ def transform_layer(layer: nn.Module, rot: Rotations, d: Dims) -> None:
         if name == "self_attn.o_proj" and rot.r2 is not None:
             w = rotate_weight_input(w, per_head(rot.r2, d.head_dim, d.heads))
         if name == "mlp.down_proj" and rot.r4 is not None:
-            w = rotate_weight_input(w, rot.r4)
+            w = rotate_weight_input(w, rot.r4_drawn())
         if rot.r1 is not None:
             w = rotate_weight_output(w, rot.r1)
             if lin.bias is not None:
                 _set(lin.bias, rotate(lin.bias.double(), rot.r1))
         _set(lin.weight, w)
+    if rot.r4_signs is not None:  # x = act(gate) * up: flipping up's rows flips x exactly
+        up = sub(layer, "mlp.up_proj")
+        s = rot.r4_signs.repeat(d.intermediate // rot.r4_signs.numel())
+        _set(up.weight, up.weight.double() * s[:, None])
+        if up.bias is not None:
+            _set(up.bias, up.bias.double() * s)
     if rot.r2 is not None:
         v = sub(layer, "self_attn.v_proj")
         r2 = per_head(rot.r2, d.head_dim, d.kv_heads)

@@ -71,7 +71,7 @@ def model_card(source: str, qcfg: dict, command: str, report) -> str:
         "## Method", "",
         "- RMSNorm weights fused into the following linears; rotations folded into the weights "
         "(R1 hidden, R2 per attention head on v/o, R4 on the down_proj input, applied online as "
-        "`input_rotation`).",
+        "`input_rotation`; a randomized Hadamard R4 = diag(s) H keeps H online, s folded into up_proj).",
         f"- Rotation: {rot['kind']}, block size {rot['block_size']}, seed {rot['seed']}, positions: {positions}.",
         f"- Weights: MXFP4 (E2M1, E8M0 scale per 32 inputs), quantizer: {q['method']}"
         + (f" (blocks of {q['block_size']} columns, relative damping {q['damp']}, act-order over "

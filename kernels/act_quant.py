@@ -193,7 +193,7 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
 
 
 @triton.jit
-def _fwht32(x, rs_ptr, NB: tl.constexpr, BM: tl.constexpr):
+def _fwht32(x, rs_ptr, NB: tl.constexpr, BM: tl.constexpr, PLAIN: tl.constexpr = False):
     """x [NB, BM, 32] -> float32 x @ (R/c) per block for R/c = diag(s_in) H32 (Sylvester; s_in =
     column 0 of R/c at rs_ptr): a fast Walsh-Hadamard transform, 5 butterfly stages of adds in
     registers instead of the tensor-core dot (whose operands go through shared memory), for
@@ -203,8 +203,12 @@ def _fwht32(x, rs_ptr, NB: tl.constexpr, BM: tl.constexpr):
     first register, the registers are in index order (fp8 packs and stores without shuffles).
     Numerics as the +-1 dot: every partial sum is a signed sum of bf16 values (8 significant
     bits), exact in float32 while a block's nonzero values span < 2^12; beyond that both round
-    near the last ulp, like the reference's fp32 matmul, which flips a code only on a boundary."""
-    y = x.to(tl.float32) * tl.load(rs_ptr + tl.arange(0, 32) * 32).to(tl.float32)[None, None, :]
+    near the last ulp, like the reference's fp32 matmul, which flips a code only on a boundary.
+    PLAIN (s_in = 1, Rotation.plain): no sign pass (32 scalar loads and a multiply per value)."""
+    if PLAIN:
+        y = x.to(tl.float32)
+    else:
+        y = x.to(tl.float32) * tl.load(rs_ptr + tl.arange(0, 32) * 32).to(tl.float32)[None, None, :]
     for _ in tl.static_range(5):
         a, b = tl.split(tl.permute(tl.reshape(y, [NB, BM, 2, 16]), (0, 1, 3, 2)))
         y = tl.reshape(tl.join(a + b, a - b), [NB, BM, 32])
@@ -246,7 +250,8 @@ def _store_rows(rows, v, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: 
 @triton.jit
 def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                               HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                              ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr = "fast", HAD: tl.constexpr = False):
+                              ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr = "fast", HAD: tl.constexpr = False,
+                              PLAIN: tl.constexpr = False):
     """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
     registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
     registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6).
@@ -255,7 +260,7 @@ def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, 
     x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], K,
                    NBP, BM, HAD)
     _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
-                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD)
+                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD, PLAIN)
 
 
 @triton.jit
@@ -298,12 +303,13 @@ def _fp8_from_rotated(y, e, erow, ROUND: tl.constexpr, c=1.0):
 @triton.jit
 def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
                   HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                  ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr, HAD: tl.constexpr = False):
+                  ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr, HAD: tl.constexpr = False,
+                  PLAIN: tl.constexpr = False):
     """The one-pass FP8 math on whole rows x [NBP, BM, 32] (shared by the row kernels).
     HAD: y = x @ (R/c) by `_fwht32`; c is folded into the block scale (amax(|y|) * c rounds
     like max |y * c|, monotone), saving the per-element * c."""
     if HAD:
-        y = _fwht32(x, rs_ptr, NBP, BM)
+        y = _fwht32(x, rs_ptr, NBP, BM, PLAIN)
         c = tl.abs(tl.load(r_ptr).to(tl.float32))
     else:
         y = _rotate(x, r_ptr, tl.arange(0, NBP), tl.arange(0, 32), 0, 0, BM, NBP, HAS_R, ROT_PRECISION, SIGN,
@@ -322,7 +328,7 @@ def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_q
 def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                                   HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
                                   ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr = "fast",
-                                  HAD: tl.constexpr = False):
+                                  HAD: tl.constexpr = False, PLAIN: tl.constexpr = False):
     """Round 3: the one-pass FP8 kernel made persistent (grid = a few programs per SM), with the
     next row tile's load issued before this tile's math (register double buffering), so
     HBM reads overlap the quantization instead of alternating with it."""
@@ -339,7 +345,7 @@ def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M,
         x_next = _load_rows(x_ptr + offs_n.to(tl.int64)[None, :, None] * stride_xm, (offs_n < M)[None, :, None],
                             K, NBP, BM, HAD)
         _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
-                      HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD)
+                      HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD, PLAIN)
         x = x_next
 
 
@@ -409,7 +415,13 @@ class Rotation:
         by a leading unit dim on `sign` ([1, 32, 32], same data): a shape is host metadata, so a
         Rotation rebuilt from a stored sign (dispatch.prepare_extras -> _rotation) keeps the
         mark without a device sync. Rotation(r, sign[0]) forces the dot (benchmarks)."""
-        return self.sign is not None and self.sign.dim() == self.r.dim() + 1
+        return self.sign is not None and self.sign.dim() in (self.r.dim() + 1, self.r.dim() + 2)
+
+    @property
+    def plain(self) -> bool:
+        """R/c = H32 itself (s_in = 1: brq-convert folds R4's random signs into up_proj), so the
+        FWHT skips its sign pass. prepare() marks it by two leading unit dims on `sign`."""
+        return self.sign is not None and self.sign.dim() == self.r.dim() + 2
 
     @staticmethod
     def prepare(input_rotation: torch.Tensor, dtype=torch.bfloat16, allow_sign: bool = True) -> "Rotation":
@@ -422,6 +434,8 @@ class Rotation:
                 sign = (r / c).to(dtype).contiguous()
                 if r.shape == (32, 32) and bool(torch.equal(sign, sign[:, :1] * _sylvester(32, sign))):
                     sign = sign.unsqueeze(0)  # the `hadamard` mark (H32 diag(s_out), s_out != 1: the dot)
+                    if bool(torch.all(sign[0, :, 0] == 1)):
+                        sign = sign.unsqueeze(0)  # the `plain` mark
         return Rotation(r, sign)
 
 
@@ -548,7 +562,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                 kern = _act_quant_fp8_persist_kernel
             kern[grid](*args, q, s, sc, M, K, x.stride(0), q.stride(0), HAS_R=r is not None,
                        SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, ROUND=rounding,
-                       HAD=isinstance(input_rotation, Rotation) and input_rotation.hadamard, num_warps=warps)
+                       HAD=isinstance(input_rotation, Rotation) and input_rotation.hadamard,
+                       PLAIN=isinstance(input_rotation, Rotation) and input_rotation.plain, num_warps=warps)
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl == "two_phase":
             bm = block_m or (16 if M > 16 else triton.next_power_of_2(M))

@@ -15,6 +15,7 @@ from vllm_brq import format as fmt
 from vllm_brq import hf_reference, mxfp4
 from vllm_brq.converter import convert
 from vllm_brq.converter.architectures import LINEARS
+from vllm_brq.rotation import hadamard
 from vllm_brq.converter.cli import main
 
 CALIB = dict(nsamples=4, seqlen=64, device="cpu")
@@ -54,6 +55,8 @@ def test_gptq_checkpoint_follows_format_v1(tmp_path, qwen2, austen_dir):
             assert ("bias" in parts) == name.endswith(("q_proj", "k_proj", "v_proj"))
             if name == "mlp.down_proj":
                 assert parts[fmt.INPUT_ROTATION].shape == (32, 32) and parts[fmt.INPUT_ROTATION].dtype == torch.float32
+                # the random signs of R4 live in up_proj's rows: online it is the plain Hadamard
+                assert torch.equal(parts[fmt.INPUT_ROTATION], hadamard(32, torch.float32))
             else:
                 assert fmt.INPUT_ROTATION not in parts
     assert tensors["model.norm.weight"].eq(1).all() and "lm_head.weight" in tensors

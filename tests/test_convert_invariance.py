@@ -53,3 +53,14 @@ def test_tied_embeddings_stay_tied_when_final_norm_is_one(tmp_path: Path):
     with torch.no_grad():
         want, got = model(ids).logits, hf_reference.load(out)(ids).logits
     assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_r4_signs_split_off_only_from_a_randomized_hadamard():
+    from vllm_brq.converter.fuse import split_signs
+    from vllm_brq.rotation import block_rotation, global_rotation, hadamard
+
+    r = block_rotation(64, 32, 5, "r4", shared=True)
+    s, plain = split_signs(r)
+    assert torch.equal(plain, hadamard(32)) and torch.equal(s[:, None] * plain, r) and bool((s < 0).any())
+    haar = global_rotation(48, 5, "r4")  # not a power of two: Haar-random, nothing to split
+    assert split_signs(haar)[0] is None and split_signs(haar)[1] is haar

@@ -77,9 +77,11 @@ ACT_CASES = {
                              SIGN=True, LAUNCH_DEPENDENTS=False)]),
     "act_quant_fp8_row": (aq._act_quant_fp8_row_kernel,
                           dict(ACT, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
-                          [dict(HAS_R=r, SIGN=r, BM=bm, NBP=nbp, ROT_PRECISION="tf32x3", ROUND=rnd, HAD=had, num_warps=w)
-                           for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for r, had in ((False, False), (True, False),
-                                                                                        (True, True))
+                          [dict(HAS_R=r, SIGN=r, BM=bm, NBP=nbp, ROT_PRECISION="tf32x3", ROUND=rnd, HAD=had,
+                                PLAIN=plain, num_warps=w)
+                           for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4))
+                           for r, had, plain in ((False, False, False), (True, False, False), (True, True, False),
+                                                 (True, True, True))
                            for rnd in ("fast", "bits")]),
 }
 

@@ -49,7 +49,7 @@ def _run(name, seed):
     from vllm_brq.kernels import act_quant as aq
     from vllm_brq.kernels import gemm
     from vllm_brq.kernels import reference as ref
-    from vllm_brq.rotation import block_rotation
+    from vllm_brq.rotation import block_rotation, hadamard
 
     M, K, N = 5, 192, 48
     x, w = _inputs(seed, M, K, N)
@@ -74,8 +74,10 @@ def _run(name, seed):
         x[0, :32] = torch.tensor(ties + [-v for v in ties], dtype=torch.bfloat16)
         rh = aq.Rotation.prepare(rots[1])  # diag(D) H32: the row kernels' FWHT
         rp = aq.Rotation.prepare(rots[1].roll(1, 0))  # +-1 but not diag(s) H32: the dot
+        rpl = aq.Rotation.prepare(hadamard(32).float())  # brq-convert's R4: the FWHT without its sign pass
         assert rh.hadamard and not rp.hadamard and not aq.Rotation.prepare(rots[2]).hadamard
-        for r in (None, rots[1], rh, aq.Rotation(rh.r, rh.sign[0]), rp, aq.Rotation.prepare(rots[2])):
+        assert rpl.hadamard and rpl.plain and not rh.plain
+        for r in (None, rots[1], rh, rpl, aq.Rotation(rh.r, rh.sign[0]), rp, aq.Rotation.prepare(rots[2])):
             rr = r.r if isinstance(r, aq.Rotation) else r
             q0, s0 = ref.quantize_activation_reference(x, rr)
             f0, e0 = ref.fp8_reencode_reference(q0, s0)
