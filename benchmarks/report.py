@@ -1,6 +1,7 @@
 """Markdown tables for the README from the committed results files (no GPU needed).
 
     python benchmarks/report.py kernels benchmarks/results/kernels-h100.json
+    python benchmarks/report.py bounds benchmarks/results/kernels-h100.json
 """
 
 from __future__ import annotations
@@ -36,12 +37,34 @@ def kernels_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def prefill_bounds_table(path: Path) -> str:
+    """Why W4A4 prefill (act-quant pass + FP8 GEMM) tops out where it does: the speed-up over
+    bf16 if the GEMM ran as fast as cuBLAS FP8 alone and the act-quant took its measured time
+    (the M = 8192 act-quant rows, scaled by M / 8192: it is bandwidth-bound), next to the
+    measured one. Both from the same run."""
+    d = json.loads(path.read_text())
+    aq = {(r["op"], r["K"]): r["ms"] for r in d["rows"] if r["op"].startswith("act_quant_fp8_rot_") and r["M"] == 8192}
+    lines = ["| shape | M | FP8 GEMM alone | FP8 GEMM + act-quant pass (sum of both timed alone) | brq W4A4 measured |",
+             "| --- | --- | --- | --- | --- |"]
+    for op in SHAPES:
+        for m in (1024, 4096, 8192):
+            t = {r["backend"]: r for r in d["rows"] if r["op"] == op and r["M"] == m}
+            if not {"cublas_bf16", "scaled_mm_fp8_rowwise", "brq_w4a4"} <= set(t):
+                continue
+            k = t["brq_w4a4"]["K"]
+            rot = "r32sign" if op == "down" else "none"  # down_proj's input carries R4
+            a = aq[(f"act_quant_fp8_rot_{rot}", k)] * m / 8192
+            bf, f8 = t["cublas_bf16"]["ms"], t["scaled_mm_fp8_rowwise"]["ms"]
+            lines.append(f"| {op} | {m} | {bf / f8:.2f}x | {bf / (f8 + a):.2f}x | {t['brq_w4a4']['ratio_vs_bf16']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=["kernels"])
+    p.add_argument("kind", choices=["kernels", "bounds"])
     p.add_argument("path", type=Path)
     args = p.parse_args(argv)
-    print(kernels_table(args.path))
+    print(kernels_table(args.path) if args.kind == "kernels" else prefill_bounds_table(args.path))
 
 
 if __name__ == "__main__":

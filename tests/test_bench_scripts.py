@@ -26,9 +26,10 @@ def test_bench_script_imports_without_a_gpu(name):
     assert importlib.import_module(name).__doc__
 
 
-def test_kernel_table_in_readme_is_the_results_file():
-    table = report.kernels_table(REPO / "benchmarks/results/kernels-h100.json")
-    assert table in (REPO / "README.md").read_text()
+def test_kernel_tables_in_readme_are_the_results_file():
+    readme = (REPO / "README.md").read_text()
+    assert report.kernels_table(REPO / "benchmarks/results/kernels-h100.json") in readme
+    assert report.prefill_bounds_table(REPO / "benchmarks/results/kernels-h100.json") in readme
 
 
 def test_decode_profile_categories():
