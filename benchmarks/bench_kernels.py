@@ -8,7 +8,9 @@
 2. Speed, Llama-3-8B linear shapes at M in {1..8192}: every backend timed in the same run
    as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
-   Experiments timed beside the default path: brq_w4a4_pdl (M = 1, BRQ_PDL=1) and, when
+   Experiments timed beside the default path: brq_w4a4_pdl (M = 1, BRQ_PDL=1),
+   brq_gemv_a4_persist_only (BRQ_GEMV_PERSIST=1's kernel), the act-quant's rounding="bits"
+   rows and, when
    vLLM is importable (PYTHONPATH with the kit), vllm_cutlass_fp8 (vLLM's FP8 GEMM alone)
    and brq_w4a4_cutlass (BRQ_FP8_GEMM=cutlass).
 """
@@ -79,6 +81,11 @@ def pdl_pair_identical(x, r, wp, ws):
     y = gemm.gemv_a4(xp, xs, wp, ws, pdl=True)
     xp0, xs0 = aq.quantize_activation(x, r, aq.MODE_PAIRS)
     return bool(torch.equal(y, gemm.gemv_a4(xp0, xs0, wp, ws)))
+
+
+def persist_identical(xp, xs, wp, ws):
+    """The persistent gemv_a4 (M = 1) gives the same bits as the one-tile-per-CTA kernel."""
+    return bool(torch.equal(gemm.gemv_a4(xp, xs, wp, ws, persistent=True), gemm.gemv_a4(xp, xs, wp, ws)))
 
 
 def check(log, smollm2_path, decode=False):
@@ -157,6 +164,7 @@ def check(log, smollm2_path, decode=False):
                        gemv_a4=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws), y0[:4]),
                        gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
                        pdl_identical=pdl_pair_identical(x[:1], r, wp, ws),
+                       persist_identical=persist_identical(xp[:1], xs[:1], wp, ws),
                        gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
                                                           - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()))
             res[key] = row
@@ -175,6 +183,7 @@ def check(log, smollm2_path, decode=False):
                    gemv_a4=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws), y0[:4]),
                    gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
                    pdl_identical=pdl_pair_identical(x[:1], r, wp, ws),
+                   persist_identical=persist_identical(xp[:1], xs[:1], wp, ws),
                    gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
                                                       - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()),
                    gemv_asm_vs_pure_maxdiff=float((gemm.gemv(xd[:4], wp, ws, use_asm=True).float()
@@ -311,6 +320,9 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
                 t["brq_gemv_only"] = graph_time([lambda p=p, s=s: gemm.gemv(xd, p, s) for p, s in wps])
                 xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS)
                 t["brq_gemv_a4_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(xp, xs, p, s) for p, s in wps])
+                if M == 1:  # BRQ_GEMV_PERSIST=1's kernel (experiment)
+                    t["brq_gemv_a4_persist_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(
+                        xp, xs, p, s, persistent=True) for p, s in wps])
             for backend, ms in t.items():
                 row = dict(op=shape, M=M, N=N, K=K, backend=backend, ms=ms, bf16_ms=bf16_ms,
                            ratio_vs_bf16=bf16_ms / ms)

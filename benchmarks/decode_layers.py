@@ -3,10 +3,11 @@
     python benchmarks/decode_layers.py [--layers 32] [--out DIR]
 
 32 Llama-3-8B layers with distinct random weights: per layer act-quant + linear for qkv, o,
-gate_up and down (down with the 32-block Hadamard R4 as brq-convert writes it), M = 1, all 4 x 32 pairs captured
-in one CUDA graph, so the weights stream from HBM and each kernel starts cold, as in a
-decode step. Timed for the dispatch path (gemv_a4, autotuned; and with BRQ_PDL=1), for gemv_a4 with each of its
-configs pinned for every shape, and for cuBLAS bf16 on the same shapes. It shows how far the
+gate_up and down (down with the 32-block Hadamard R4 as brq-convert writes it), M = 1, all
+4 x 32 pairs captured in one CUDA graph, so the weights stream from HBM and each kernel
+starts cold, as in a decode step. Timed for the dispatch path (gemv_a4, autotuned; with
+BRQ_PDL=1 and/or BRQ_GEMV_PERSIST=1), for gemv_a4 with each of its configs pinned for every
+shape, and for cuBLAS bf16 on the same shapes. It shows how far the
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
 Writes decode-layers-<gpu>.json.
 """
@@ -64,6 +65,10 @@ def main() -> None:
     with env_set("BRQ_PDL", "1"):
         res["dispatch, BRQ_PDL=1 (gemv_a4 launched during its act-quant)"] = (
             graph_time([step()], reps=20) * 1e3 / args.layers)
+    with env_set("BRQ_GEMV_PERSIST", "1"):
+        res["dispatch, BRQ_GEMV_PERSIST=1 (persistent gemv_a4)"] = graph_time([step()], reps=20) * 1e3 / args.layers
+        with env_set("BRQ_PDL", "1"):
+            res["dispatch, BRQ_GEMV_PERSIST=1 + BRQ_PDL=1"] = graph_time([step()], reps=20) * 1e3 / args.layers
     picks = {str(k): str(v) for k, v in gemm._gemv_a4_kernel.cache.items()}
     for c in gemm._GEMV_A4_CONFIGS:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

@@ -2,10 +2,11 @@
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-        -k regex:_gemv_a4_kernel --csv python3 benchmarks/ncu_gemv_a4.py > DIR/ncu-gemv-a4.csv
+        -k regex:_gemv_a4 --csv python3 benchmarks/ncu_gemv_a4.py > DIR/ncu-gemv-a4.csv
 
 One launch per Llama-3-8B shape and pinned config (no autotuning, so every profiled launch is
-one of ours; ncu flushes the caches before each). It answers what the timings cannot: whether
+one of ours; ncu flushes the caches before each), and of the persistent variant
+(BRQ_GEMV_PERSIST's kernel, 8 programs per SM). It answers what the timings cannot: whether
 the kernel is bound by DRAM, by issue slots (instructions per weight byte) or by latency
 (stall reasons, eligible warps per scheduler) - issue 4's "show the measurement that proves
 why" for the M = 1 target.
@@ -37,6 +38,8 @@ def main() -> None:
             gemm.gemv_a4(xp, xs, wp, ws, config=dict(BN=bn, NBK=nbk, num_warps=warps, num_stages=1))
             print(f"{name} N={N} K={K} BN={bn} NBK={nbk} warps={warps}: {(wp.numel() + ws.numel()) / 1e6:.1f} MB",
                   file=sys.stderr, flush=True)
+        gemm.gemv_a4(xp, xs, wp, ws, config=dict(BN=4, NBK=32, PPS=8, num_warps=4, num_stages=1), persistent=True)
+        print(f"{name} persistent BN=4 NBK=32 warps=4, 8 programs per SM", file=sys.stderr, flush=True)
     torch.cuda.synchronize()
 
 

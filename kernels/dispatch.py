@@ -9,7 +9,7 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 - W4A4, M = 1 (M <= 4 without the FP8 copy): activation quantized to MXFP4 as fp16 pairs
   (MODE_PAIRS), then the bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0:
   fake-quant bf16 + gemv); BRQ_PDL=1 launches the gemv as a programmatic dependent of the
-  act-quant (experimental, off until measured).
+  act-quant, BRQ_GEMV_PERSIST=1 runs it persistent (experiments, off until measured).
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
   (act_quant.default_fp8_impl), then torch._scaled_mm with row/column powers of two:
   exact MXFP4 up to blocks 14 binades below their row's largest (BRQ_FP8_GEMM=cutlass:
@@ -115,6 +115,12 @@ def scaled_mm_fp8(xf: torch.Tensor, xsc: torch.Tensor, weight_fp8: torch.Tensor,
     if cutlass is not None:
         return cutlass(xf, weight_fp8.t(), xsc, weight_fp8_scale, out_dtype, bias)
     return torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias, out_dtype=out_dtype)
+
+
+def gemv_persist_enabled() -> bool:
+    """BRQ_GEMV_PERSIST=1: the decode gemv_a4 runs as a persistent kernel (a few programs per
+    SM walk their row tiles with the weight prefetch running across them). Off: not yet measured."""
+    return os.environ.get("BRQ_GEMV_PERSIST", "0") not in ("0", "false", "False", "")
 
 
 def w4a16_dequant_enabled() -> bool:
@@ -231,7 +237,8 @@ def brq_linear(
         if gemv_a4_enabled():
             pdl = backend != "sm80" and pdl_enabled()
             xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=pdl)
-            y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype, pdl=pdl)
+            y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype, pdl=pdl,
+                             persistent=gemv_persist_enabled())
         else:
             xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
             y = gemm.gemv(xq, weight_packed, weight_scale, bias)

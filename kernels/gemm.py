@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from vllm_brq.kernels.act_quant import e2m1_bits
+from vllm_brq.kernels.act_quant import _sm_count, e2m1_bits
 
 
 @triton.jit
@@ -424,6 +424,44 @@ def _w_tile_load(w_tile, s_tile, kb, KB, NBK: tl.constexpr, offs_b, EVEN_K: tl.c
             tl.where(ok[None, :], _load_u8(s_tile + tl.minimum(kb + offs_b, KB - 1)[None, :] - offs_b[None, :], USE_ASM), 0))
 
 
+@triton.jit
+def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
+             BM: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """gemv_a4's math on one weight tile (words p [BN, NBK, 4], scales s [BN, NBK]) at block kb,
+    for each of the BM activation rows: returns acc1 (BM = 1: per-thread partial sums) and
+    acc ([BM, BN]), updated."""
+    w0, w1, w2, w3 = _split4(p)
+    scw = ((tl.minimum(s, 241) + 13) << 23).to(tl.float32, bitcast=True)  # 2^(sw - 127 + 13)
+    if EVEN_K:
+        b_ok = offs_b >= 0
+    else:
+        b_ok = kb + offs_b < KB
+    for m in tl.static_range(BM):
+        mr = tl.minimum(M - 1, m)  # rows m >= M read row M-1 (not stored)
+        a_blk = a_ptr + mr * stride_am + kb * 16 + a_tile  # full shape: loaded in the weights' layout
+        a_ok = b_ok[None, :, None]
+        a0, a1, a2, a3 = _split4(tl.load(a_blk, mask=a_ok, other=0))
+        a4, a5, a6, a7 = _split4(tl.load(a_blk + 4, mask=a_ok, other=0))
+        a8, a9, a10, a11 = _split4(tl.load(a_blk + 8, mask=a_ok, other=0))
+        a12, a13, a14, a15 = _split4(tl.load(a_blk + 12, mask=a_ok, other=0))
+        sa = tl.load(as_ptr + mr * stride_asm + kb + offs_b, mask=b_ok, other=0).to(tl.int32)
+        if USE_ASM:
+            part = tl.inline_asm_elementwise(
+                BLOCK_DOT_ASM, BLOCK_DOT_CONSTRAINTS,
+                [w0, w1, w2, w3, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            part = _block_dot_plain((w0, w1, w2, w3), (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12,
+                                                       a13, a14, a15))
+        sca = tl.where(sa > 0, (sa << 23).to(tl.float32, bitcast=True), 2.0 ** -127)  # 2^(sa - 127)
+        contrib = part * scw * sca[None, :]
+        if BM == 1:
+            acc1 += contrib
+        else:
+            acc += tl.where(offs_mm[:, None] == m, tl.sum(contrib, axis=1)[None, :], 0.0)
+    return acc1, acc
+
+
 @triton.autotune(configs=_GEMV_A4_CONFIGS, key=["M_KEY", "N", "K"])
 @triton.heuristics({"EVEN_K": lambda args: (args["K"] // 32) % args["NBK"] == 0})
 @triton.jit
@@ -462,48 +500,97 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     acc = tl.zeros([BM, BN], dtype=tl.float32)  # M > 1: reduced every tile
     for kb in range(0, KB, NBK):
         p2, s2 = _w_tile_load(w_tile, s_tile, kb + 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-        w0, w1, w2, w3 = _split4(p)
-        scw = ((tl.minimum(s, 241) + 13) << 23).to(tl.float32, bitcast=True)  # 2^(sw - 127 + 13)
-        if EVEN_K:
-            b_ok = offs_b >= 0
-        else:
-            b_ok = kb + offs_b < KB
-        for m in tl.static_range(BM):
-            mr = tl.minimum(M - 1, m)  # rows m >= M read row M-1 (not stored)
-            a_blk = a_ptr + mr * stride_am + kb * 16 + a_tile  # full shape: loaded in the weights' layout
-            a_ok = b_ok[None, :, None]
-            a0, a1, a2, a3 = _split4(tl.load(a_blk, mask=a_ok, other=0))
-            a4, a5, a6, a7 = _split4(tl.load(a_blk + 4, mask=a_ok, other=0))
-            a8, a9, a10, a11 = _split4(tl.load(a_blk + 8, mask=a_ok, other=0))
-            a12, a13, a14, a15 = _split4(tl.load(a_blk + 12, mask=a_ok, other=0))
-            sa = tl.load(as_ptr + mr * stride_asm + kb + offs_b, mask=b_ok, other=0).to(tl.int32)
-            if USE_ASM:
-                part = tl.inline_asm_elementwise(
-                    BLOCK_DOT_ASM, BLOCK_DOT_CONSTRAINTS,
-                    [w0, w1, w2, w3, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15],
-                    dtype=tl.float32, is_pure=True, pack=1)
-            else:
-                part = _block_dot_plain((w0, w1, w2, w3), (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12,
-                                                           a13, a14, a15))
-            sca = tl.where(sa > 0, (sa << 23).to(tl.float32, bitcast=True), 2.0 ** -127)  # 2^(sa - 127)
-            contrib = part * scw * sca[None, :]
-            if BM == 1:
-                acc1 += contrib
-            else:
-                acc += tl.where(offs_mm[:, None] == m, tl.sum(contrib, axis=1)[None, :], 0.0)
+        acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
+                             BM, EVEN_K, USE_ASM)
         p, s, p1, s1 = p1, s1, p2, s2
     if BM == 1:
         acc = tl.sum(acc1, axis=1)[None, :]
     _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
 
 
+# persistent variant: (BN, NBK, warps, programs per SM); BRQ_GEMV_PERSIST=1 (experiment, unmeasured)
+_GEMV_A4_PERSIST_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk, "PPS": pps}, num_warps=w, num_stages=1)
+                            for bn, nbk, w, pps in ((4, 32, 4, 8), (4, 32, 4, 12), (2, 32, 2, 16), (2, 32, 2, 24))]
+
+
+@triton.jit
+def _a4_tile_ptrs(w_ptr, ws_ptr, rt, N, stride_wn, stride_sn, offs_bn, offs_b):
+    """Pointers to K tile 0 of row tile rt: words [BN, NBK, 4] and scales [BN, NBK] (rows past N
+    re-read row N - 1, so a prefetch past a program's last step is harmless)."""
+    rows = tl.minimum(rt * offs_bn.shape[0] + offs_bn, N - 1).to(tl.int64)
+    w = w_ptr + rows[:, None, None] * stride_wn + offs_b[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    return w, ws_ptr + rows[:, None] * stride_sn + offs_b[None, :]
+
+
+@triton.jit
+def _a4_next_tile(w, sc, rt, kt, KT, nprog, w_ptr, ws_ptr, N, stride_wn, stride_sn, offs_bn, offs_b,
+                  NBK: tl.constexpr):
+    """A persistent program's next step: the next K tile (pointers advance by a tile), after the
+    last one the first K tile of its next row tile (pointers rebuilt): counters, no divisions."""
+    if kt == KT - 1:
+        rt = rt + nprog
+        kt = 0
+        w, sc = _a4_tile_ptrs(w_ptr, ws_ptr, rt, N, stride_wn, stride_sn, offs_bn, offs_b)
+    else:
+        kt = kt + 1
+        w = w + NBK * 4
+        sc = sc + NBK
+    return w, sc, rt, kt
+
+
+@triton.autotune(configs=_GEMV_A4_PERSIST_CONFIGS, key=["N", "K"])
+@triton.jit
+def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K, stride_wn, stride_sn,
+                            HAS_BIAS: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr, PPS: tl.constexpr,
+                            USE_ASM: tl.constexpr, PDL: tl.constexpr):
+    """gemv_a4 at M = 1 as a persistent kernel (PPS programs per SM, read by the launcher): one
+    flat loop over this program's (row tile, K tile) steps keeps two weight tiles in flight
+    across row-tile boundaries, so a program does not drain and refill the memory pipeline
+    per row tile, and the per-CTA start (pointer setup, first round trip) is paid once per
+    program instead of once per row tile. Needs K/32 % NBK == 0 (the launcher checks)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    KT = (K // 32) // NBK
+    total = tl.cdiv(tl.cdiv(N, BN) - pid, nprog) * KT
+    offs_bn = tl.arange(0, BN)
+    offs_b = tl.arange(0, NBK)
+    offs_mm = tl.arange(0, 1)
+    a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (offs_bn * 0)[:, None, None]
+    rt, kt = pid, 0  # the step computed now
+    w, sc = _a4_tile_ptrs(w_ptr, ws_ptr, rt, N, stride_wn, stride_sn, offs_bn, offs_b)
+    p, s = tl.load(w), _load_u8(sc, USE_ASM)
+    wl, scl, rtl, ktl = _a4_next_tile(w, sc, rt, kt, KT, nprog, w_ptr, ws_ptr, N, stride_wn, stride_sn, offs_bn,
+                                      offs_b, NBK)  # the step loaded last
+    p1, s1 = tl.load(wl), _load_u8(scl, USE_ASM)
+    if PDL:
+        gdc_wait()
+    acc1 = tl.zeros([BN, NBK], dtype=tl.float32)
+    acc = tl.zeros([1, BN], dtype=tl.float32)  # unused at M = 1 (_a4_tile's BM > 1 accumulator)
+    for _ in range(0, total):
+        wl, scl, rtl, ktl = _a4_next_tile(wl, scl, rtl, ktl, KT, nprog, w_ptr, ws_ptr, N, stride_wn, stride_sn,
+                                          offs_bn, offs_b, NBK)
+        p2, s2 = tl.load(wl), _load_u8(scl, USE_ASM)
+        acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kt * NBK, K // 32, 1, 0, 0, a_tile, offs_b, offs_mm, acc1, acc,
+                             1, True, USE_ASM)
+        if kt == KT - 1:  # the row tile is complete
+            _store(c_ptr, tl.sum(acc1, axis=1)[None, :], offs_mm, rt * BN + offs_bn, 1, N, 0, bias_ptr, HAS_BIAS)
+            acc1 = tl.zeros([BN, NBK], dtype=tl.float32)
+            rt += nprog
+            kt = 0
+        else:
+            kt += 1
+        p, s, p1, s1 = p1, s1, p2, s2
+
+
 def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
-            use_asm=None, pdl=False):
+            use_asm=None, pdl=False, persistent=False, programs=None):
     """W4A4 decode: MXFP4 activation in the act-quant's MODE_PAIRS (float16 [M <= GEMV_MAX_M, K]
     + E8M0 [M, K/32]) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product up to
     float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel).
     pdl: launch as a programmatic dependent (sm90+) of the kernel before it on the stream,
-    which should trigger early (act-quant `launch_dependents`); ignored by the interpreter."""
+    which should trigger early (act-quant `launch_dependents`); ignored by the interpreter.
+    persistent (M = 1 and K/32 % NBK == 0, else ignored): `_gemv_a4_persist_kernel` with
+    `programs` programs (default: PPS per SM)."""
     M, K = a_pairs.shape
     N = weight_packed.shape[0]
     if (a_pairs.dtype != torch.float16 or weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32)
@@ -517,11 +604,21 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
     if use_asm is None:
         use_asm = not _interpreting()
     bm = triton.next_power_of_2(max(M, 1))
-    launch, cfg = _launcher(_gemv_a4_kernel, config)
     pdl = pdl and not _interpreting()
+    a32, w32 = a_pairs.view(torch.int32), weight_packed.view(torch.int32)  # the kernel reads int32 words
+    nbk = config["NBK"] if config else 32  # every autotuned persistent config has NBK = 32
+    if persistent and M == 1 and (K // 32) % nbk == 0:
+        launch, cfg = _launcher(_gemv_a4_persist_kernel, config)
+        if pdl:
+            cfg["launch_pdl"] = True
+        sms = _sm_count(a_pairs.device)
+        launch(lambda meta: (min(triton.cdiv(N, meta["BN"]), programs or sms * meta["PPS"]),))(
+            a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, N, K, w32.stride(0),
+            weight_scale.stride(0), HAS_BIAS=bias is not None, USE_ASM=use_asm, PDL=pdl, **cfg)
+        return c
+    launch, cfg = _launcher(_gemv_a4_kernel, config)
     if pdl:
         cfg["launch_pdl"] = True
-    a32, w32 = a_pairs.view(torch.int32), weight_packed.view(torch.int32)  # the kernel reads int32 words
     launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
         a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
         a32.stride(0), a_scale.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),

@@ -65,6 +65,8 @@ GEMM_CASES = {
     "gemv_a4": (gemm._gemv_a4_kernel, dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32"),
                 [dict(HAS_BIAS=False, BM=1, USE_ASM=True, EVEN_K=True, PDL=True),
                  dict(HAS_BIAS=True, BM=4, USE_ASM=True, EVEN_K=False, PDL=False)]),
+    "gemv_a4_persist": (gemm._gemv_a4_persist_kernel, dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32"),
+                        [dict(HAS_BIAS=True, USE_ASM=True, PDL=True), dict(HAS_BIAS=False, USE_ASM=False, PDL=False)]),
     "dequantize": (gemm._dequant_kernel, {"w_ptr": "*u8", "ws_ptr": "*u8", "out_ptr": "*bf16"}, [dict(BN=32, BK=256)]),
 }
 

@@ -118,6 +118,12 @@ def _run(name, seed):
             for cfg in (dict(BN=4, NBK=2), dict(BN=32, NBK=4)):
                 y = gemm.gemv_a4(xp[:m], xs[:m], wp, ws, bias=b, out_dtype=torch.float32, config=cfg).double()
                 assert ((y - b.double() - y0).norm() / y0.norm()) < 1e-5, (m, cfg)
+        # persistent (M = 1): 12 row tiles x 3 K tiles over 5 programs (3 or 2 row tiles each), or 1
+        y1 = gemm.gemv_a4(xp[:1], xs[:1], wp, ws, bias=b, out_dtype=torch.float32, config=dict(BN=4, NBK=2))
+        for programs in (5, 1, 12):
+            y = gemm.gemv_a4(xp[:1], xs[:1], wp, ws, bias=b, out_dtype=torch.float32,
+                             config=dict(BN=4, NBK=2, PPS=1), persistent=True, programs=programs)
+            assert torch.equal(y, y1), programs  # the same block sums in the same order
         return
     if name == "gemv":
         xq = aq.quantize_activation(x[:3], r, aq.MODE_DEQUANT, nb=2).float()
