@@ -41,7 +41,8 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4-pdl": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),
     "brq-w4a4-cutlass": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "cutlass"}),
     "brq-w4a4-round6": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
-                        {"BRQ_PDL": "1", "BRQ_GEMV_PERSIST": "1", "BRQ_FP8_GEMM": "cutlass"}),
+                        {"BRQ_PDL": "1", "BRQ_GEMV_PERSIST": "1", "BRQ_FP8_GEMM": "cutlass",
+                         "BRQ_ACT_ROUNDING": "bits"}),
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")

@@ -13,7 +13,8 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
   (act_quant.default_fp8_impl), then torch._scaled_mm with row/column powers of two:
   exact MXFP4 up to blocks 14 binades below their row's largest (BRQ_FP8_GEMM=cutlass:
-  vLLM's CUTLASS scaled_mm instead, the GEMM `--quantization fp8` runs; experimental).
+  vLLM's CUTLASS scaled_mm instead, the GEMM `--quantization fp8` runs; BRQ_ACT_ROUNDING=bits:
+  the act-quant's select-free rounding; experiments).
 - W4A4 prefill on sm100+ (M > SMALL_M): native e2m1 tl.dot_scaled (written, not measured).
 - W4A4 without the FP8 copy: fake-quant bf16 + the W4A16 kernel (M <= SMALL_M or sm80), else
   the in-register FP8 GEMM over packed weights (gemm.w4a4_fp8).
@@ -115,6 +116,15 @@ def scaled_mm_fp8(xf: torch.Tensor, xsc: torch.Tensor, weight_fp8: torch.Tensor,
     if cutlass is not None:
         return cutlass(xf, weight_fp8.t(), xsc, weight_fp8_scale, out_dtype, bias)
     return torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias, out_dtype=out_dtype)
+
+
+def act_rounding() -> str:
+    """BRQ_ACT_ROUNDING=bits: the FP8 act-quant's select-free E2M1 rounding (round 6, same bytes,
+    fewer instructions); default "fast" (round 3, measured)."""
+    rounding = os.environ.get("BRQ_ACT_ROUNDING", "fast")
+    if rounding not in ("fast", "bits"):
+        raise ValueError(f"BRQ_ACT_ROUNDING must be 'fast' or 'bits', got {rounding!r}")
+    return rounding
 
 
 def gemv_persist_enabled() -> bool:
@@ -247,7 +257,7 @@ def brq_linear(
         y = gemm.w4a4_dot_scaled(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
     elif weight_fp8 is not None:
         # one-pass row act-quant (K <= ROW_KERNEL_MAX_K, no per-block R), else two-phase (act_quant.default_fp8_impl)
-        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True)
+        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True, rounding=act_rounding())
         y = scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, x.dtype)
     elif M <= SMALL_M or backend == "sm80":
         xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from vllm_brq import mxfp4
@@ -149,3 +150,12 @@ def test_fp8_gemm_switch_defaults_to_torch_and_falls_back_when_vllm_cuda_ops_are
             assert "BRQ_FP8_GEMM=cutlass" in caplog.text
     finally:
         dispatch._vllm_cutlass_scaled_mm.cache_clear()
+
+
+def test_experiment_switches_default_to_the_measured_paths(monkeypatch):
+    for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_ACT_ROUNDING"):
+        monkeypatch.delenv(name, raising=False)
+    assert not dispatch.pdl_enabled() and not dispatch.gemv_persist_enabled() and dispatch.act_rounding() == "fast"
+    monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
+    with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
+        dispatch.act_rounding()
