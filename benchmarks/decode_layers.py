@@ -7,7 +7,8 @@ gate_up and down (down with the 32-block Hadamard R4 as brq-convert writes it), 
 4 x 32 pairs captured in one CUDA graph, so the weights stream from HBM and each kernel
 starts cold, as in a decode step. Timed for the dispatch path (gemv_a4, autotuned; with
 BRQ_PDL=1 and/or BRQ_GEMV_PERSIST=1), for gemv_a4 with each of its configs pinned for every
-shape, and for cuBLAS bf16 on the same shapes. It shows how far the
+shape, and for cuBLAS bf16 on the same shapes; each dispatch variant's outputs, replayed from
+a graph (where PDL kernels overlap), must equal the default path's bit for bit. It shows how far the
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
 Writes decode-layers-<gpu>.json.
 """
@@ -15,6 +16,7 @@ Writes decode-layers-<gpu>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -31,6 +33,18 @@ from vllm_brq import mxfp4  # noqa: E402
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
 from vllm_brq.kernels import dispatch, gemm  # noqa: E402
 from vllm_brq.rotation import hadamard  # noqa: E402
+
+
+def graph_outputs(fn):
+    """fn's outputs when replayed from a CUDA graph (kernel overlap as in vLLM's decode)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return [o.clone() for o in out]
 
 
 def main() -> None:
@@ -50,25 +64,32 @@ def main() -> None:
 
     def step(config=None):
         def run():
+            out = []
             for layer in layers:
                 for wp, ws, r, x in layer.values():
                     if config is None:
-                        dispatch.brq_linear(x, wp, ws, r.r if r else None, None, True,
-                                            rotation_sign=r.sign if r else None)
+                        out.append(dispatch.brq_linear(x, wp, ws, r.r if r else None, None, True,
+                                                       rotation_sign=r.sign if r else None))
                     else:
                         xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS)
-                        gemm.gemv_a4(xp, xs, wp, ws, config=config)
+                        out.append(gemm.gemv_a4(xp, xs, wp, ws, config=config))
+            return out
         return run
 
     n_lin = 4 * args.layers
-    res = {"dispatch (act-quant + gemv_a4, autotuned)": graph_time([step()], reps=20) * 1e3 / args.layers}
-    with env_set("BRQ_PDL", "1"):
-        res["dispatch, BRQ_PDL=1 (gemv_a4 launched during its act-quant)"] = (
-            graph_time([step()], reps=20) * 1e3 / args.layers)
-    with env_set("BRQ_GEMV_PERSIST", "1"):
-        res["dispatch, BRQ_GEMV_PERSIST=1 (persistent gemv_a4)"] = graph_time([step()], reps=20) * 1e3 / args.layers
-        with env_set("BRQ_PDL", "1"):
-            res["dispatch, BRQ_GEMV_PERSIST=1 + BRQ_PDL=1"] = graph_time([step()], reps=20) * 1e3 / args.layers
+    want = step()()  # eager, default switches
+    res, identical = {}, {}
+    variants = {"dispatch (act-quant + gemv_a4, autotuned)": {},
+                "dispatch, BRQ_PDL=1 (gemv_a4 launched during its act-quant)": {"BRQ_PDL": "1"},
+                "dispatch, BRQ_GEMV_PERSIST=1 (persistent gemv_a4)": {"BRQ_GEMV_PERSIST": "1"},
+                "dispatch, BRQ_GEMV_PERSIST=1 + BRQ_PDL=1": {"BRQ_GEMV_PERSIST": "1", "BRQ_PDL": "1"}}
+    for label, env in variants.items():
+        with contextlib.ExitStack() as stack:
+            for name, value in env.items():
+                stack.enter_context(env_set(name, value))
+            res[label] = graph_time([step()], reps=20) * 1e3 / args.layers
+            got = graph_outputs(step())  # the same step replayed from a CUDA graph
+        identical[label] = all(torch.equal(a, b) for a, b in zip(got, want))
     picks = {str(k): str(v) for k, v in gemm._gemv_a4_kernel.cache.items()}
     for c in gemm._GEMV_A4_CONFIGS:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -87,7 +108,8 @@ def main() -> None:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(sys.argv), "layers": args.layers, "linears_per_graph": n_lin,
            "us_per_layer": {k: round(v, 2) for k, v in res.items()},
-           "ratio_vs_bf16": {k: round(bf16 / v, 3) for k, v in res.items()}, "autotuner_picks": picks}
+           "ratio_vs_bf16": {k: round(bf16 / v, 3) for k, v in res.items()}, "autotuner_picks": picks,
+           "outputs_identical_to_default_eager": identical}
     print(json.dumps(out, indent=1))
     gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
     Path(args.out).mkdir(parents=True, exist_ok=True)
