@@ -494,7 +494,8 @@ def _sm_count_idx(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _sm_count(device) -> int:
+def sm_count(device) -> int:
+    """Multiprocessors of `device`, for persistent grids (act-quant, decode GEMV)."""
     if device.type != "cuda":  # the interpreter: one "SM", so a persistent program walks several tiles
         return 1
     return _sm_count_idx(device.index if device.index is not None else torch.cuda.current_device())
@@ -558,7 +559,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                 bm = block_m or PERSIST_CFG.get(nbp, (max(1, 16 // nbp), 4, 2))[0]
                 warps = num_warps or PERSIST_CFG.get(nbp, (1, 4, 2))[1]
                 per_sm = programs_per_sm or PERSIST_CFG.get(nbp, (1, 4, 2))[2]
-                grid = (max(1, min(triton.cdiv(M, bm), per_sm * _sm_count(x.device))),)
+                grid = (max(1, min(triton.cdiv(M, bm), per_sm * sm_count(x.device))),)
                 kern = _act_quant_fp8_persist_kernel
             kern[grid](*args, q, s, sc, M, K, x.stride(0), q.stride(0), HAS_R=r is not None,
                        SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, ROUND=rounding,

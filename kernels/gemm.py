@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from vllm_brq.kernels.act_quant import _sm_count, e2m1_bits
+from vllm_brq.kernels.act_quant import e2m1_bits, sm_count
 
 
 @triton.jit
@@ -611,7 +611,7 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
         launch, cfg = _launcher(_gemv_a4_persist_kernel, config)
         if pdl:
             cfg["launch_pdl"] = True
-        sms = _sm_count(a_pairs.device)
+        sms = sm_count(a_pairs.device)
         launch(lambda meta: (min(triton.cdiv(N, meta["BN"]), programs or sms * meta["PPS"]),))(
             a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, N, K, w32.stride(0),
             weight_scale.stride(0), HAS_BIAS=bias is not None, USE_ASM=use_asm, PDL=pdl, **cfg)
