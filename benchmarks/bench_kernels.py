@@ -234,7 +234,8 @@ def copy_bandwidth():
     return 2 * a.numel() / ms / 1e6  # GB/s, read + write
 
 
-def bench(log, only=None, ms_list=MS, act_quant=True):
+def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None):
+    """Time every backend; `on_rows(rows)` after each block of rows (partial results)."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_bandwidth()
@@ -335,6 +336,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True):
                     row["frac_of_copy_bw"] = row["weight_GBps"] / copy_gbs
                 rows.append(row)
             log(shape, M, " ".join(f"{b}={ms * 1e3:.1f}us({bf16_ms / ms:.2f}x)" for b, ms in t.items()))
+            on_rows(rows)
             del wps, wbs, w8s
         torch.cuda.empty_cache()
     return rows, copy_gbs
@@ -364,14 +366,22 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join(sys.argv))
     log(meta)
-    checks = check(log, args.smollm2, decode=args.decode)
-    out = dict(meta, checks=checks)
-    if not args.check_only:
-        rows, copy_gbs = bench(log, args.shapes, ms_list=(1, 4) if args.decode else MS, act_quant=not args.decode)
-        out.update(copy_GBps=copy_gbs, rows=rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"{'decode' if args.decode else 'kernels'}-{gpu}.json"
-    path.write_text(json.dumps(out, indent=1))
+    partial = path.with_suffix(".partial.json")
+
+    def save(dest, **parts):  # a run cut by a device time limit still leaves what it measured
+        dest.write_text(json.dumps(dict(meta, **parts), indent=1))
+
+    checks = check(log, args.smollm2, decode=args.decode)
+    save(partial, checks=checks)
+    out = dict(checks=checks)
+    if not args.check_only:
+        rows, copy_gbs = bench(log, args.shapes, ms_list=(1, 4) if args.decode else MS, act_quant=not args.decode,
+                               on_rows=lambda rows: save(partial, checks=checks, rows=rows))
+        out.update(copy_GBps=copy_gbs, rows=rows)
+    save(path, **out)
+    partial.unlink(missing_ok=True)
     log("wrote", path)
 
 
