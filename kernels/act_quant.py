@@ -531,6 +531,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     M, K = x.shape
     if K % 32:
         raise ValueError(f"activation quantization needs K % 32 == 0, got {K}")
+    if rounding not in ("fast", "bits", "compare"):
+        raise ValueError(f"rounding must be 'fast', 'bits' or 'compare', got {rounding!r}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     r, sign, r_bstride = _rotation_operand(input_rotation, K, x.device, x.dtype)
     rs = sign if sign is not None else x

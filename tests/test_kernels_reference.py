@@ -159,3 +159,10 @@ def test_experiment_switches_default_to_the_measured_paths(monkeypatch):
     monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
     with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
         dispatch.act_rounding()
+
+
+def test_act_quant_refuses_an_unknown_rounding():
+    from vllm_brq.kernels import act_quant as aq
+
+    with pytest.raises(ValueError, match="rounding must be"):
+        aq.quantize_activation(torch.zeros(1, 32), None, aq.MODE_FP8, rounding="up")
