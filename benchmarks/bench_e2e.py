@@ -36,8 +36,8 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "fp8": ("llama3-8b-random", ["--quantization", "fp8"], {}),
     "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {}),
     "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"], {}),
-    # experiments (not in the default list): decode gemv_a4 as a programmatic dependent launch;
-    # prefill on vLLM's CUTLASS FP8 GEMM (benchmarks/NOTES-kernels.md, round 6)
+    # experiments (not in the default list; benchmarks/NOTES-kernels.md, round 6): decode gemv_a4
+    # as a programmatic dependent launch; prefill on vLLM's CUTLASS FP8 GEMM; every switch at once
     "brq-w4a4-pdl": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),
     "brq-w4a4-cutlass": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "cutlass"}),
     "brq-w4a4-round6": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],

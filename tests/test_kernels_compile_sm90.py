@@ -9,42 +9,19 @@ that the launcher specializes on aligned tensors, as on the GPU.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from conftest import REPO  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sass_counts import ACT, WEIGHTS as W, compile_sm90 as _compile, jit_of as _jit  # noqa: E402
 
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
 from vllm_brq.kernels import gemm  # noqa: E402
-
-SM90 = GPUTarget("cuda", 90, 32)
-W = {"w_ptr": "*u8", "ws_ptr": "*u8", "bias_ptr": "*bf16", "c_ptr": "*bf16"}
-
-
-def _jit(kernel):
-    """The JITFunction under autotune/heuristics wrappers, and the autotune configs (or None)."""
-    configs = getattr(kernel, "configs", None)
-    fn = kernel
-    while type(fn).__name__ != "JITFunction":
-        fn = fn.fn
-    return fn, configs
-
-
-def _compile(kernel, ptrs: dict, constexprs: dict, num_warps=4, num_stages=1):
-    fn, _ = _jit(kernel)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if fn.params[i].is_constexpr:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = ptrs.get(name, "i32")
-            if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    given = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=given, attrs=attrs)
-    return triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _each_config(kernel, ptrs, variants):
@@ -70,7 +47,6 @@ GEMM_CASES = {
     "dequantize": (gemm._dequant_kernel, {"w_ptr": "*u8", "ws_ptr": "*u8", "out_ptr": "*bf16"}, [dict(BN=32, BK=256)]),
 }
 
-ACT = {"x_ptr": "*bf16", "r_ptr": "*fp32", "rs_ptr": "*bf16"}
 ACT_CASES = {
     "act_quant_2d": (aq._act_quant_kernel, dict(ACT, q_ptr="*u8", s_ptr="*u8"),
                      [dict(R_BSTRIDE=0, HAS_R=True, MODE=m, BM=1, NB=16, ROT_PRECISION="tf32x3", SIGN=sign,
@@ -94,18 +70,20 @@ def test_kernel_compiles_for_sm90(name):
     _each_config(kernel, ptrs, variants)
 
 
-def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait(persistent):
     """With PDL the gemv may run while the act-quant that writes its input ends: only weights
     and their scales (two tiles: 2 x 16-byte words + 2 scale bytes) may be loaded before
     griddepcontrol.wait; without PDL there is no wait at all."""
     ptrs = dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32")
-    cx = dict(HAS_BIAS=True, BM=1, USE_ASM=True, EVEN_K=True, BN=4, NBK=32)
-    lines = _compile(gemm._gemv_a4_kernel, ptrs, dict(cx, PDL=True)).asm["ptx"].splitlines()
+    kernel = gemm._gemv_a4_persist_kernel if persistent else gemm._gemv_a4_kernel
+    cx = dict(HAS_BIAS=True, BM=1, USE_ASM=True, EVEN_K=True, BN=4, NBK=32, PPS=8)
+    lines = _compile(kernel, ptrs, dict(cx, PDL=True)).asm["ptx"].splitlines()
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
     assert len(waits) == 1
     early = [line.split()[0] for line in lines[:waits[0]] if "ld.global" in line]
     assert sorted(early) == ["ld.global.nc.u8", "ld.global.nc.u8", "ld.global.v4.b32", "ld.global.v4.b32"], early
-    assert "griddepcontrol" not in _compile(gemm._gemv_a4_kernel, ptrs, dict(cx, PDL=False)).asm["ptx"]
+    assert "griddepcontrol" not in _compile(kernel, ptrs, dict(cx, PDL=False)).asm["ptx"]
 
 
 def test_act_quant_triggers_dependents_first_only_when_asked():
