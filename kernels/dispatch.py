@@ -96,7 +96,10 @@ def pdl_enabled() -> bool:
 def _vllm_cutlass_scaled_mm():
     """vLLM's CUTLASS FP8 GEMM when BRQ_FP8_GEMM=cutlass and vLLM's CUDA ops load, else None
     (torch._scaled_mm). Read once per process: the choice is fixed when CUDA graphs capture."""
-    if os.environ.get("BRQ_FP8_GEMM", "torch") != "cutlass":
+    choice = os.environ.get("BRQ_FP8_GEMM", "torch")
+    if choice not in ("torch", "cutlass"):
+        raise ValueError(f"BRQ_FP8_GEMM must be 'torch' or 'cutlass', got {choice!r}")
+    if choice == "torch":
         return None
     try:
         from vllm import _custom_ops as ops

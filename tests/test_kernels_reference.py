@@ -159,6 +159,13 @@ def test_experiment_switches_default_to_the_measured_paths(monkeypatch):
     monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
     with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
         dispatch.act_rounding()
+    monkeypatch.setenv("BRQ_FP8_GEMM", "cuttlass")
+    dispatch._vllm_cutlass_scaled_mm.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="BRQ_FP8_GEMM must be 'torch' or 'cutlass'"):
+            dispatch._vllm_cutlass_scaled_mm()
+    finally:
+        dispatch._vllm_cutlass_scaled_mm.cache_clear()
 
 
 def test_act_quant_refuses_an_unknown_rounding():
