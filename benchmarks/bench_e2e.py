@@ -36,13 +36,11 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "fp8": ("llama3-8b-random", ["--quantization", "fp8"], {}),
     "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {}),
     "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"], {}),
-    # experiments (not in the default list; benchmarks/NOTES-kernels.md, round 6): decode gemv_a4
-    # as a programmatic dependent launch; prefill on vLLM's CUTLASS FP8 GEMM; every switch at once
-    "brq-w4a4-pdl": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),
+    # beside the defaults (not in the default list; benchmarks/NOTES-kernels.md, round 6): the
+    # round-5 decode path (no PDL, never persistent); prefill on vLLM's CUTLASS FP8 GEMM
+    "brq-w4a4-round5": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
+                        {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"}),
     "brq-w4a4-cutlass": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "cutlass"}),
-    "brq-w4a4-round6": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
-                        {"BRQ_PDL": "1", "BRQ_GEMV_PERSIST": "1", "BRQ_FP8_GEMM": "cutlass",
-                         "BRQ_ACT_ROUNDING": "bits"}),
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")

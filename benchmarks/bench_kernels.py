@@ -8,9 +8,9 @@
 2. Speed, Llama-3-8B linear shapes at M in {1..8192}: every backend timed in the same run
    as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
-   Experiments timed beside the default path: brq_w4a4_pdl (M = 1, BRQ_PDL=1),
-   brq_gemv_a4_persist_only (BRQ_GEMV_PERSIST=1's kernel), the act-quant's rounding="bits"
-   rows and, when
+   Timed beside the default path: brq_w4a4_round5 (M = 1 without PDL or the persistent GEMV),
+   brq_gemv_a4_persist_only (the persistent kernel on every shape), the act-quant's
+   rounding="bits" rows and, when
    vLLM is importable (PYTHONPATH with the kit), vllm_cutlass_fp8 (vLLM's FP8 GEMM alone)
    and brq_w4a4_cutlass (BRQ_FP8_GEMM=cutlass).
 """
@@ -55,7 +55,7 @@ def rel(a, b):
 
 @contextlib.contextmanager
 def env_set(name, value):
-    """Run the dispatch with an experiment's environment switch (BRQ_PDL, BRQ_FP8_GEMM)."""
+    """Run the dispatch with one of its environment switches set (BRQ_PDL, BRQ_FP8_GEMM, ...)."""
     old = os.environ.get(name)
     os.environ[name] = value
     dispatch._vllm_cutlass_scaled_mm.cache_clear()
@@ -301,10 +301,10 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
             exs = [(wp.clone(), ws.clone(), {k: v.clone() for k, v in ex.items()}) for _ in range(n48)]
             t["brq_w4a4"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e)
                                         for p, s, e in exs])
-            if M == 1:  # BRQ_PDL=1: the gemv_a4 streams its first weight tiles during the act-quant
-                with env_set("BRQ_PDL", "1"):
-                    t["brq_w4a4_pdl"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e)
-                                                    for p, s, e in exs])
+            if M == 1:  # round 5's decode path (no PDL, never persistent): what the defaults gain
+                with env_set("BRQ_PDL", "0"), env_set("BRQ_GEMV_PERSIST", "0"):
+                    t["brq_w4a4_round5"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
+                        x, p, s, r, None, True, **e) for p, s, e in exs])
             if cutlass is not None and M > gemm.GEMV_MAX_M:  # BRQ_FP8_GEMM=cutlass: act-quant + vLLM's GEMM
                 with env_set("BRQ_FP8_GEMM", "cutlass"):
                     t["brq_w4a4_cutlass"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
@@ -321,7 +321,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
                 t["brq_gemv_only"] = graph_time([lambda p=p, s=s: gemm.gemv(xd, p, s) for p, s in wps])
                 xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS)
                 t["brq_gemv_a4_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(xp, xs, p, s) for p, s in wps])
-                if M == 1:  # BRQ_GEMV_PERSIST=1's kernel (experiment)
+                if M == 1:  # the persistent kernel on every shape (the dispatch takes it for N >= PERSIST_MIN_N)
                     t["brq_gemv_a4_persist_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(
                         xp, xs, p, s, persistent=True) for p, s in wps])
             for backend, ms in t.items():

@@ -5,8 +5,9 @@
 32 Llama-3-8B layers with distinct random weights: per layer act-quant + linear for qkv, o,
 gate_up and down (down with the 32-block Hadamard R4 as brq-convert writes it), M = 1, all
 4 x 32 pairs captured in one CUDA graph, so the weights stream from HBM and each kernel
-starts cold, as in a decode step. Timed for the dispatch path (gemv_a4, autotuned; with
-BRQ_PDL=1 and/or BRQ_GEMV_PERSIST=1), for gemv_a4 with each of its configs pinned for every
+starts cold, as in a decode step. Timed for the dispatch path (gemv_a4, autotuned, launched
+as a programmatic dependent, persistent for wide N) and with each of those switched off
+(BRQ_PDL=0, BRQ_GEMV_PERSIST=0) or forced (BRQ_GEMV_PERSIST=1), for gemv_a4 with each of its configs pinned for every
 shape, and for cuBLAS bf16 on the same shapes; each dispatch variant's outputs, replayed from
 a graph (where PDL kernels overlap), must equal the default path's bit for bit. It shows how far the
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
@@ -79,10 +80,11 @@ def main() -> None:
     n_lin = 4 * args.layers
     want = step()()  # eager, default switches
     res, identical = {}, {}
-    variants = {"dispatch (act-quant + gemv_a4, autotuned)": {},
-                "dispatch, BRQ_PDL=1 (gemv_a4 launched during its act-quant)": {"BRQ_PDL": "1"},
-                "dispatch, BRQ_GEMV_PERSIST=1 (persistent gemv_a4)": {"BRQ_GEMV_PERSIST": "1"},
-                "dispatch, BRQ_GEMV_PERSIST=1 + BRQ_PDL=1": {"BRQ_GEMV_PERSIST": "1", "BRQ_PDL": "1"}}
+    variants = {"dispatch (act-quant + gemv_a4, autotuned; PDL, persistent for N >= 16384)": {},
+                "BRQ_PDL=0 BRQ_GEMV_PERSIST=0 (round 5)": {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"},
+                "BRQ_PDL=0": {"BRQ_PDL": "0"},
+                "BRQ_GEMV_PERSIST=0": {"BRQ_GEMV_PERSIST": "0"},
+                "BRQ_GEMV_PERSIST=1 (persistent on every shape)": {"BRQ_GEMV_PERSIST": "1"}}
     for label, env in variants.items():
         with contextlib.ExitStack() as stack:
             for name, value in env.items():

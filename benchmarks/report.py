@@ -23,7 +23,7 @@ def kernels_table(path: Path) -> str:
              "| shape (N x K) | backend | " + " | ".join(f"M={m}" for m in ms) + " |",
              "| --- | --- |" + " --- |" * len(ms)]
     for op in SHAPES:
-        for backend, label in (("brq_w4a4", "brq W4A4"), ("brq_w4a4_pdl", "brq W4A4, BRQ_PDL=1"),
+        for backend, label in (("brq_w4a4", "brq W4A4"), ("brq_w4a4_round5", "brq W4A4, round-5 decode (BRQ_PDL=0, BRQ_GEMV_PERSIST=0)"),
                                ("brq_w4a4_cutlass", "brq W4A4, BRQ_FP8_GEMM=cutlass"), ("brq_w4a16", "brq W4A16"),
                                ("scaled_mm_fp8_rowwise", "FP8 cuBLAS (ref.)"),
                                ("vllm_cutlass_fp8", "FP8 vLLM CUTLASS (ref.)")):

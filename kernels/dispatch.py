@@ -8,8 +8,9 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
   reference (kernels/reference.py); on CUDA with a one-time warning.
 - W4A4, M = 1 (M <= 4 without the FP8 copy): activation quantized to MXFP4 as fp16 pairs
   (MODE_PAIRS), then the bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0:
-  fake-quant bf16 + gemv); BRQ_PDL=1 launches the gemv as a programmatic dependent of the
-  act-quant, BRQ_GEMV_PERSIST=1 runs it persistent (experiments, off until measured).
+  fake-quant bf16 + gemv), launched as a programmatic dependent of the act-quant on sm90+
+  (BRQ_PDL=0: plain launch) and persistent for wide outputs (N >= PERSIST_MIN_N;
+  BRQ_GEMV_PERSIST=0/1: never/always).
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
   (act_quant.default_fp8_impl), then torch._scaled_mm with row/column powers of two:
   exact MXFP4 up to blocks 14 binades below their row's largest (BRQ_FP8_GEMM=cutlass:
@@ -87,9 +88,10 @@ def gemv_a4_enabled() -> bool:
 
 
 def pdl_enabled() -> bool:
-    """BRQ_PDL=1: the decode gemv_a4 starts streaming its first weight tiles while the act-quant
-    before it runs (programmatic dependent launch, sm90+). Off by default: not yet measured."""
-    return os.environ.get("BRQ_PDL", "0") not in ("0", "false", "False", "")
+    """The decode gemv_a4 starts streaming its first weight tiles while the act-quant before it
+    runs (programmatic dependent launch, sm90+): -2.3 us per layer of four linears on the H100
+    (decode_layers.py). BRQ_PDL=0 turns it off."""
+    return os.environ.get("BRQ_PDL", "1") not in ("0", "false", "False", "")
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,10 +132,19 @@ def act_rounding() -> str:
     return rounding
 
 
-def gemv_persist_enabled() -> bool:
-    """BRQ_GEMV_PERSIST=1: the decode gemv_a4 runs as a persistent kernel (a few programs per
-    SM walk their row tiles with the weight prefetch running across them). Off: not yet measured."""
-    return os.environ.get("BRQ_GEMV_PERSIST", "0") not in ("0", "false", "False", "")
+# the persistent decode gemv_a4 wins only where each program walks several row tiles: H100,
+# gate_up (N = 28672) 32.1 -> 29.7 us; qkv, o and down (N <= 6144) lose 0.4-1.7 us
+PERSIST_MIN_N = 16384
+
+
+def gemv_persistent(N: int) -> bool:
+    """Whether the decode gemv_a4 for an N-row weight runs persistent (a few programs per SM walk
+    their row tiles, the weight prefetch running across them). BRQ_GEMV_PERSIST: auto (default:
+    N >= PERSIST_MIN_N), 1 (always), 0 (never)."""
+    mode = os.environ.get("BRQ_GEMV_PERSIST", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"BRQ_GEMV_PERSIST must be 'auto', '0' or '1', got {mode!r}")
+    return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N)
 
 
 def w4a16_dequant_enabled() -> bool:
@@ -251,7 +262,7 @@ def brq_linear(
             pdl = backend != "sm80" and pdl_enabled()
             xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=pdl)
             y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype, pdl=pdl,
-                             persistent=gemv_persist_enabled())
+                             persistent=gemv_persistent(weight_packed.shape[0]))
         else:
             xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
             y = gemm.gemv(xq, weight_packed, weight_scale, bias)

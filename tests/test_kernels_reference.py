@@ -152,10 +152,21 @@ def test_fp8_gemm_switch_defaults_to_torch_and_falls_back_when_vllm_cuda_ops_are
         dispatch._vllm_cutlass_scaled_mm.cache_clear()
 
 
-def test_experiment_switches_default_to_the_measured_paths(monkeypatch):
+def test_switches_default_to_the_measured_winners(monkeypatch):
     for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_ACT_ROUNDING"):
         monkeypatch.delenv(name, raising=False)
-    assert not dispatch.pdl_enabled() and not dispatch.gemv_persist_enabled() and dispatch.act_rounding() == "fast"
+    assert dispatch.pdl_enabled() and dispatch.act_rounding() == "fast"
+    # persistent decode GEMV only for wide outputs (gate_up), where it measured faster
+    assert dispatch.gemv_persistent(28672) and not dispatch.gemv_persistent(6144)
+    monkeypatch.setenv("BRQ_PDL", "0")
+    assert not dispatch.pdl_enabled()
+    monkeypatch.setenv("BRQ_GEMV_PERSIST", "1")
+    assert dispatch.gemv_persistent(4096)
+    monkeypatch.setenv("BRQ_GEMV_PERSIST", "0")
+    assert not dispatch.gemv_persistent(28672)
+    monkeypatch.setenv("BRQ_GEMV_PERSIST", "yes")
+    with pytest.raises(ValueError, match="BRQ_GEMV_PERSIST must be 'auto', '0' or '1'"):
+        dispatch.gemv_persistent(4096)
     monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
     with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
         dispatch.act_rounding()
