@@ -113,7 +113,7 @@ def transform_layer(layer: nn.Module, rot: Rotations, d: Dims) -> None:
         _set(lin.weight, w)
     if rot.r4_signs is not None:  # x = act(gate) * up: flipping up's rows flips x exactly
         up = sub(layer, "mlp.up_proj")
-        s = rot.r4_signs.repeat(d.intermediate // rot.r4_signs.numel())
+        s = rot.r4_signs.repeat(d.intermediate // rot.r4_signs.numel()).to(up.weight.device, torch.float64)
         _set(up.weight, up.weight.double() * s[:, None])
         if up.bias is not None:
             _set(up.bias, up.bias.double() * s)
