@@ -37,10 +37,10 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {}),
     "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"], {}),
     # beside the defaults (not in the default list; benchmarks/NOTES-kernels.md, round 6): the
-    # round-5 decode path (no PDL, never persistent); prefill on vLLM's CUTLASS FP8 GEMM
+    # round-5 decode path (no PDL, never persistent); prefill on torch._scaled_mm, not vLLM's CUTLASS
     "brq-w4a4-round5": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
                         {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"}),
-    "brq-w4a4-cutlass": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "cutlass"}),
+    "brq-w4a4-torchmm": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "torch"}),
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")

@@ -11,8 +11,8 @@
    Timed beside the default path: brq_w4a4_round5 (M = 1 without PDL or the persistent GEMV),
    brq_gemv_a4_persist_only (the persistent kernel on every shape), the act-quant's
    rounding="bits" rows and, when
-   vLLM is importable (PYTHONPATH with the kit), vllm_cutlass_fp8 (vLLM's FP8 GEMM alone)
-   and brq_w4a4_cutlass (BRQ_FP8_GEMM=cutlass).
+   vLLM is importable (PYTHONPATH with the kit; brq_w4a4 prefill then runs on vLLM's CUTLASS
+   FP8 GEMM), vllm_cutlass_fp8 (that GEMM alone) and brq_w4a4_torchmm (BRQ_FP8_GEMM=torch).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
     copy_gbs = copy_bandwidth()
     log("copy bandwidth GB/s", round(copy_gbs))
     cutlass = vllm_cutlass()
-    log("vLLM CUTLASS FP8 GEMM:", "available" if cutlass else "not importable (rows vllm_cutlass_fp8, brq_w4a4_cutlass skipped)")
+    log("vLLM CUTLASS FP8 GEMM:", "available" if cutlass else "not importable (rows vllm_cutlass_fp8, brq_w4a4_torchmm skipped)")
     # activation quantization (the down_proj input, with and without the fused R4)
     for M, K in ((8192, 14336), (8192, 4096), (1, 14336)) if act_quant else ():
         x = outlier_x(M, K, gen)
@@ -305,9 +305,9 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
                 with env_set("BRQ_PDL", "0"), env_set("BRQ_GEMV_PERSIST", "0"):
                     t["brq_w4a4_round5"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
                         x, p, s, r, None, True, **e) for p, s, e in exs])
-            if cutlass is not None and M > gemm.GEMV_MAX_M:  # BRQ_FP8_GEMM=cutlass: act-quant + vLLM's GEMM
-                with env_set("BRQ_FP8_GEMM", "cutlass"):
-                    t["brq_w4a4_cutlass"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
+            if cutlass is not None and M > gemm.GEMV_MAX_M:  # BRQ_FP8_GEMM=torch: act-quant + torch._scaled_mm
+                with env_set("BRQ_FP8_GEMM", "torch"):
+                    t["brq_w4a4_torchmm"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
                         x, p, s, r, None, True, **e) for p, s, e in exs])
             del exs
             if M == 1024:  # BRQ_FP8_WEIGHTS=0: packed weights only (in-register FP8 kernel)
@@ -330,7 +330,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
                 if M <= 16:
                     nbytes = {"cublas_bf16": wb.numel() * 2, "scaled_mm_fp8_rowwise": wb.numel(),
                               "vllm_cutlass_fp8": wb.numel()}.get(backend, packed_bytes)
-                    if backend in ("brq_w4a4", "brq_w4a4_cutlass") and M > gemm.GEMV_MAX_M:
+                    if backend in ("brq_w4a4", "brq_w4a4_torchmm") and M > gemm.GEMV_MAX_M:
                         nbytes = w8.numel()  # FP8 weight copy
                     row["weight_GBps"] = nbytes / ms / 1e6
                     row["frac_of_copy_bw"] = row["weight_GBps"] / copy_gbs

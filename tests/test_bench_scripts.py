@@ -35,6 +35,7 @@ def test_kernel_tables_in_readme_are_the_results_file():
 def test_decode_profile_categories():
     c = profile_decode.category
     assert c("_gemv_a4_kernel") == "brq GEMM"
+    assert c("_gemv_a4_persist_kernel") == "brq GEMM"
     assert c("_act_quant_kernel") == "activation quantization"
     assert c("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<") == "attention"
     assert c("void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>") == "attention"
