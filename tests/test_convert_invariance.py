@@ -64,3 +64,24 @@ def test_r4_signs_split_off_only_from_a_randomized_hadamard():
     assert torch.equal(plain, hadamard(32)) and torch.equal(s[:, None] * plain, r) and bool((s < 0).any())
     haar = global_rotation(48, 5, "r4")  # not a power of two: Haar-random, nothing to split
     assert split_signs(haar)[0] is None and split_signs(haar)[1] is haar
+
+
+def test_layer_transform_keeps_every_tensor_on_the_weights_device():
+    """brq-convert --device cuda builds the rotations on the CPU and moves each layer to the GPU:
+    every fold must follow the weights (a GPU conversion once crashed folding R4's signs).
+    The meta device stands in for the GPU: it refuses CPU operands the same way."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from vllm_brq.converter.architectures import dims
+    from vllm_brq.converter.fuse import build_rotations, transform_layer
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=tiny_models.VOCAB)
+    d = dims(cfg)
+    rot = build_rotations("block", d, 32, 0, True, True, True)
+    assert rot.r4_signs is not None and rot.r4_signs.device.type == "cpu"
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(cfg, 0)
+    transform_layer(layer, rot, d)
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
