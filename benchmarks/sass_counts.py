@@ -10,6 +10,7 @@ thread). tests/test_kernels_compile_sm90.py compiles through `compile_sm90` too.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -46,6 +47,9 @@ def compile_sm90(kernel, ptrs: dict, constexprs: dict, num_warps=4, num_stages=1
             if name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     given = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    for i, name in enumerate(fn.arg_names):  # constexpr parameters left out take their defaults
+        if fn.params[i].is_constexpr and name not in given and fn.params[i].default is not inspect.Parameter.empty:
+            given[name] = fn.params[i].default
     src = ASTSource(fn=fn, signature=sig, constexprs=given, attrs=attrs)
     return triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
 
