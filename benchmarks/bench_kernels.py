@@ -9,8 +9,7 @@
    as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
    Timed beside the default path: brq_w4a4_round5 (M = 1 without PDL or the persistent GEMV),
-   brq_gemv_a4_persist_only (the persistent kernel on every shape), brq_gemv_a4_split{2,4}_only
-   (split-K, BRQ_GEMV_SPLITK; checks gemv_a4_split*), the act-quant's
+   brq_gemv_a4_persist_only (the persistent kernel on every shape), the act-quant's
    rounding="bits" rows and, when
    vLLM is importable (PYTHONPATH with the kit; brq_w4a4 prefill then runs on vLLM's CUTLASS
    FP8 GEMM), vllm_cutlass_fp8 (that GEMM alone) and brq_w4a4_torchmm (BRQ_FP8_GEMM=torch).
@@ -82,19 +81,6 @@ def pdl_pair_identical(x, r, wp, ws):
     y = gemm.gemv_a4(xp, xs, wp, ws, pdl=True)
     xp0, xs0 = aq.quantize_activation(x, r, aq.MODE_PAIRS)
     return bool(torch.equal(y, gemm.gemv_a4(xp0, xs0, wp, ws)))
-
-
-def split_check(xp, xs, wp, ws, y0):
-    """Split-K gemv_a4 (M = 1; BRQ_GEMV_SPLITK, experiment) in 2 and 4 parts: relative error of
-    its float32 output to the exact product (the unsplit kernel's: gemv_a4_f32out), and the same
-    bits when run again (the partials are added in split order, whichever CTA arrives last)."""
-    out = {}
-    for parts in (2, 4):
-        y = gemm.gemv_a4(xp, xs, wp, ws, out_dtype=torch.float32, split=parts)
-        out[f"gemv_a4_split{parts}_f32out"] = rel(y, y0)
-        out[f"split{parts}_repeat_identical"] = bool(torch.equal(
-            y, gemm.gemv_a4(xp, xs, wp, ws, out_dtype=torch.float32, split=parts)))
-    return out
 
 
 def persist_identical(xp, xs, wp, ws):
@@ -179,7 +165,6 @@ def check(log, smollm2_path, decode=False):
                        gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
                        pdl_identical=pdl_pair_identical(x[:1], r, wp, ws),
                        persist_identical=persist_identical(xp[:1], xs[:1], wp, ws),
-                       **split_check(xp[:1], xs[:1], wp, ws, y0[:1]),
                        gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
                                                           - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()))
             res[key] = row
@@ -199,7 +184,6 @@ def check(log, smollm2_path, decode=False):
                    gemv_a4_f32out=rel(gemm.gemv_a4(xp[:4], xs[:4], wp, ws, out_dtype=torch.float32), y0[:4]),
                    pdl_identical=pdl_pair_identical(x[:1], r, wp, ws),
                    persist_identical=persist_identical(xp[:1], xs[:1], wp, ws),
-                   **split_check(xp[:1], xs[:1], wp, ws, y0[:1]),
                    gemv_a4_asm_vs_pure_maxdiff=float((gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=True).float()
                                                       - gemm.gemv_a4(xp[:4], xs[:4], wp, ws, use_asm=False).float()).abs().max()),
                    gemv_asm_vs_pure_maxdiff=float((gemm.gemv(xd[:4], wp, ws, use_asm=True).float()
@@ -340,9 +324,6 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
                 if M == 1:  # the persistent kernel on every shape (the dispatch takes it for N >= PERSIST_MIN_N)
                     t["brq_gemv_a4_persist_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(
                         xp, xs, p, s, persistent=True) for p, s in wps])
-                    for parts in (2, 4):  # split-K (BRQ_GEMV_SPLITK, experiment)
-                        t[f"brq_gemv_a4_split{parts}_only"] = graph_time([lambda p=p, s=s: gemm.gemv_a4(
-                            xp, xs, p, s, split=parts) for p, s in wps])
             for backend, ms in t.items():
                 row = dict(op=shape, M=M, N=N, K=K, backend=backend, ms=ms, bf16_ms=bf16_ms,
                            ratio_vs_bf16=bf16_ms / ms)

@@ -10,7 +10,7 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
   (MODE_PAIRS), then the bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0:
   fake-quant bf16 + gemv), launched as a programmatic dependent of the act-quant on sm90+
   (BRQ_PDL=0: plain launch) and persistent for wide outputs (N >= PERSIST_MIN_N;
-  BRQ_GEMV_PERSIST=0/1: never/always); BRQ_GEMV_SPLITK=S: split-K for the others (experiment).
+  BRQ_GEMV_PERSIST=0/1: never/always).
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
   (act_quant.default_fp8_impl), then an FP8 GEMM with row/column powers of two:
   exact MXFP4 up to blocks 14 binades below their row's largest; the GEMM is vLLM's CUTLASS
@@ -154,16 +154,6 @@ def gemv_persistent(N: int) -> bool:
     return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N)
 
 
-def gemv_split() -> int:
-    """BRQ_GEMV_SPLITK=S: the decode gemv_a4 of weights the persistent path does not take runs
-    split-K in S parts (experiment, default 1 = off: not yet measured; NOTES-kernels.md round 7).
-    Why: Nsight Compute shows the N = 4096 GEMVs latency-bound at ~47 % achieved occupancy."""
-    value = os.environ.get("BRQ_GEMV_SPLITK", "1")
-    if not value.isdigit() or not 1 <= int(value) <= 16:
-        raise ValueError(f"BRQ_GEMV_SPLITK must be a whole number from 1 to 16, got {value!r}")
-    return int(value)
-
-
 def w4a16_dequant_enabled() -> bool:
     """W4A16 prefill (M > SMALL_M) dequantizes the weight to the activation dtype in one exact
     pass, then runs cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register W4A16 kernel, 0.29-0.35x of
@@ -278,9 +268,8 @@ def brq_linear(
         if gemv_a4_enabled():
             pdl = backend != "sm80" and pdl_enabled()
             xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=pdl)
-            persistent = gemv_persistent(weight_packed.shape[0])
             y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype, pdl=pdl,
-                             persistent=persistent, split=1 if persistent or M > 1 else gemv_split())
+                             persistent=gemv_persistent(weight_packed.shape[0]))
         else:
             xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
             y = gemm.gemv(xq, weight_packed, weight_scale, bias)

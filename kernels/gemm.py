@@ -462,13 +462,12 @@ def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs
     return acc1, acc
 
 
-@triton.autotune(configs=_GEMV_A4_CONFIGS, key=["M_KEY", "N", "K", "SPLIT"])
+@triton.autotune(configs=_GEMV_A4_CONFIGS, key=["M_KEY", "N", "K"])
 @triton.heuristics({"EVEN_K": lambda args: (args["K"] // 32) % args["NBK"] == 0})
 @triton.jit
-def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, cnt_ptr, M, N, K, M_KEY, stride_am,
-                    stride_asm, stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
-                    PDL: tl.constexpr, SPLIT: tl.constexpr = 1):
+def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_asm,
+                    stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     """Round 5 decode (W4A4, M <= 4). Both operands are E2M1 inside a 32-block, so a block's
     dot product is exact in fp16: the weight nibbles become fp16 E2M1 * 2^-14 by shifts and
     masks on whole int32 words (8 nibbles, 4 fp16x2 registers), the activation arrives
@@ -482,53 +481,31 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, cnt
     N re-read row N-1 (stores are masked) so the loop has no masks when K/32 % NBK == 0.
     PDL (programmatic dependent launch): the first two weight tiles are requested before
     griddepcontrol.wait, so they stream in while the act-quant that feeds this kernel ends;
-    nothing written by an earlier kernel (activation, output) is touched before the wait.
-    SPLIT > 1 (M = 1, experiment): split-K, program (row tile, split) walks K tiles
-    [split * T, (split + 1) * T), T = ceil(tiles / SPLIT), so narrow weights (N = 4096: 1024 row
-    tiles, ~8 CTAs per SM) get SPLIT times the warps in flight. Each writes its float32 partial
-    row sums to part_ptr [SPLIT, N] and counts itself in cnt_ptr[row tile]; the last to arrive
-    adds the partials in split order (deterministic), stores, and resets the counter to 0."""
+    nothing written by an earlier kernel (activation, output) is touched before the wait."""
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_b = tl.arange(0, NBK)
     offs_mm = tl.arange(0, BM)
-    if SPLIT > 1:  # this program's K tiles: [k_lo, KB) from here on, KB its end
-        per = tl.cdiv(tl.cdiv(K // 32, NBK), SPLIT) * NBK
-        k_lo = tl.program_id(1) * per
-        KB = tl.minimum(K // 32, k_lo + per)
-    else:
-        k_lo = 0
-        KB = K // 32
+    KB = K // 32
     w_tile = w_ptr + rows[:, None, None] * stride_wn + offs_b[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     s_tile = ws_ptr + rows[:, None] * stride_sn + offs_b[None, :]
     a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (rows * 0).to(tl.int32)[:, None, None]
     # two tiles in flight: this one and the next (tiles past the end re-read the last one: no masks)
-    p, s = _w_tile_load(w_tile, s_tile, k_lo, KB, NBK, offs_b, EVEN_K, USE_ASM)
-    p1, s1 = _w_tile_load(w_tile, s_tile, k_lo + NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+    p, s = _w_tile_load(w_tile, s_tile, 0, KB, NBK, offs_b, EVEN_K, USE_ASM)
+    p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
     if PDL:
         gdc_wait()
     acc1 = tl.zeros([BN, NBK], dtype=tl.float32)  # M = 1: per-thread partial sums, reduced once at the end
     acc = tl.zeros([BM, BN], dtype=tl.float32)  # M > 1: reduced every tile
-    for kb in range(k_lo, KB, NBK):
+    for kb in range(0, KB, NBK):
         p2, s2 = _w_tile_load(w_tile, s_tile, kb + 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
         acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
                              BM, EVEN_K, USE_ASM)
         p, s, p1, s1 = p1, s1, p2, s2
     if BM == 1:
         acc = tl.sum(acc1, axis=1)[None, :]
-    if SPLIT > 1:
-        n_ok = offs_n < N
-        tl.store(part_ptr + tl.program_id(1) * N + offs_n, tl.sum(acc, axis=0), mask=n_ok)
-        tl.debug_barrier()  # every thread's partial is written before the count (release) below
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT - 1:
-            tot = tl.zeros([BN], dtype=tl.float32)
-            for j in tl.static_range(SPLIT):  # L2 reads (.cg): other SMs wrote them
-                tot += tl.load(part_ptr + j * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            _store(c_ptr, tot[None, :], offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
-            tl.store(cnt_ptr + pid, 0)  # ready for the next launch
-    else:
-        _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
+    _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
 
 
 # persistent variant: (BN, NBK, warps, programs per SM); BRQ_GEMV_PERSIST=1 (experiment, unmeasured)
@@ -605,31 +582,15 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
         p, s, p1, s1 = p1, s1, p2, s2
 
 
-_SPLIT_WORKSPACE: dict = {}
-
-
-def _split_workspace(device, N: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K gemv_a4's float32 partials [split, N] and its per-row-tile arrival counters
-    (N of them: enough for any BN), kept per (device, N, split): the kernel leaves the counters
-    at 0, so one zeroing serves every later launch, CUDA graph replays included. Launches that
-    share it must not overlap (one stream, as vLLM decodes)."""
-    key = (str(device), N, split)
-    if key not in _SPLIT_WORKSPACE:
-        _SPLIT_WORKSPACE[key] = (torch.empty(split, N, dtype=torch.float32, device=device),
-                                 torch.zeros(N, dtype=torch.int32, device=device))
-    return _SPLIT_WORKSPACE[key]
-
-
 def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
-            use_asm=None, pdl=False, persistent=False, programs=None, split=1):
+            use_asm=None, pdl=False, persistent=False, programs=None):
     """W4A4 decode: MXFP4 activation in the act-quant's MODE_PAIRS (float16 [M <= GEMV_MAX_M, K]
     + E8M0 [M, K/32]) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product up to
     float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel).
     pdl: launch as a programmatic dependent (sm90+) of the kernel before it on the stream,
     which should trigger early (act-quant `launch_dependents`); ignored by the interpreter.
     persistent (M = 1 and K/32 % NBK == 0, else ignored): `_gemv_a4_persist_kernel` with
-    `programs` programs (default: PPS per SM). split > 1 (M = 1, not persistent): split-K
-    (the kernel's SPLIT; sums in another order, so not bit-identical to split = 1)."""
+    `programs` programs (default: PPS per SM)."""
     M, K = a_pairs.shape
     N = weight_packed.shape[0]
     if (a_pairs.dtype != torch.float16 or weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32)
@@ -655,16 +616,13 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
             a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, N, K, w32.stride(0),
             weight_scale.stride(0), HAS_BIAS=bias is not None, USE_ASM=use_asm, PDL=pdl, **cfg)
         return c
-    if split > 1 and M != 1:
-        raise ValueError(f"split-K gemv_a4 takes M = 1, got {M}")
-    part, cnt = _split_workspace(a_pairs.device, N, split) if split > 1 else (c, c)
     launch, cfg = _launcher(_gemv_a4_kernel, config)
     if pdl:
         cfg["launch_pdl"] = True
-    launch(lambda meta: (triton.cdiv(N, meta["BN"]), split))(
-        a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, part, cnt, M, N, K, bm,
+    launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
+        a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
         a32.stride(0), a_scale.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, SPLIT=split, **cfg)
+        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, **cfg)
     return c
 
 

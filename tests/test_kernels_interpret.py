@@ -124,18 +124,6 @@ def _run(name, seed):
             y = gemm.gemv_a4(xp[:1], xs[:1], wp, ws, bias=b, out_dtype=torch.float32,
                              config=dict(BN=4, NBK=2, PPS=1), persistent=True, programs=programs)
             assert torch.equal(y, y1), programs  # the same block sums in the same order
-        # split-K (M = 1): K/32 = 6 blocks in 3 tiles of NBK 2 over 2 or 3 splits (one split of 1
-        # tile), and over 4 splits (one empty); masked tiles at NBK 4
-        y0 = ref.brq_linear_reference(x[:1].float(), wp, ws, r, None, True).double()
-        for split, nbk in ((2, 2), (3, 2), (4, 2), (2, 4)):
-            cfg = dict(BN=4, NBK=nbk)
-            y = gemm.gemv_a4(xp[:1], xs[:1], wp, ws, bias=b, out_dtype=torch.float32, config=cfg, split=split)
-            assert ((y.double() - b.double() - y0).norm() / y0.norm()) < 1e-5, (split, nbk)
-            again = gemm.gemv_a4(xp[:1], xs[:1], wp, ws, bias=b, out_dtype=torch.float32, config=cfg, split=split)
-            assert torch.equal(again, y), split  # partials summed in split order, whoever arrives last
-            assert not gemm._split_workspace(xp.device, N, split)[1].any()  # counters back at 0
-        with pytest.raises(ValueError, match="split-K gemv_a4 takes M = 1"):
-            gemm.gemv_a4(xp[:3], xs[:3], wp, ws, split=2)
         return
     if name == "gemv":
         xq = aq.quantize_activation(x[:3], r, aq.MODE_DEQUANT, nb=2).float()

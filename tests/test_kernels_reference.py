@@ -172,14 +172,6 @@ def test_switches_default_to_the_measured_winners(monkeypatch):
     monkeypatch.setenv("BRQ_GEMV_PERSIST", "yes")
     with pytest.raises(ValueError, match="BRQ_GEMV_PERSIST must be 'auto', '0' or '1'"):
         dispatch.gemv_persistent(4096)
-    monkeypatch.delenv("BRQ_GEMV_SPLITK", raising=False)
-    assert dispatch.gemv_split() == 1  # split-K: an experiment, off
-    monkeypatch.setenv("BRQ_GEMV_SPLITK", "2")
-    assert dispatch.gemv_split() == 2
-    for bad in ("0", "two", "-2", "32"):
-        monkeypatch.setenv("BRQ_GEMV_SPLITK", bad)
-        with pytest.raises(ValueError, match="BRQ_GEMV_SPLITK must be a whole number from 1 to 16"):
-            dispatch.gemv_split()
     monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
     with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
         dispatch.act_rounding()
