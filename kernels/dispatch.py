@@ -89,8 +89,8 @@ def gemv_a4_enabled() -> bool:
 
 def pdl_enabled() -> bool:
     """The decode gemv_a4 starts streaming its first weight tiles while the act-quant before it
-    runs (programmatic dependent launch, sm90+): -2.3 us per layer of four linears on the H100
-    (decode_layers.py). BRQ_PDL=0 turns it off."""
+    runs (programmatic dependent launch, sm90+). H100, decode_layers.py: with the persistent
+    gate_up GEMV, 66.2 -> 61.1 us per layer of four linears. BRQ_PDL=0 turns it off."""
     return os.environ.get("BRQ_PDL", "1") not in ("0", "false", "False", "")
 
 
