@@ -241,7 +241,8 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
     copy_gbs = copy_bandwidth()
     log("copy bandwidth GB/s", round(copy_gbs))
     cutlass = vllm_cutlass()
-    log("vLLM CUTLASS FP8 GEMM:", "available" if cutlass else "not importable (rows vllm_cutlass_fp8, brq_w4a4_torchmm skipped)")
+    log("vLLM CUTLASS FP8 GEMM:",
+        "available" if cutlass else "not importable (rows vllm_cutlass_fp8, brq_w4a4_torchmm skipped)")
     # activation quantization (the down_proj input, with and without the fused R4)
     for M, K in ((8192, 14336), (8192, 4096), (1, 14336)) if act_quant else ():
         x = outlier_x(M, K, gen)

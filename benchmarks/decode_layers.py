@@ -7,8 +7,8 @@ gate_up and down (down with the 32-block Hadamard R4 as brq-convert writes it), 
 4 x 32 pairs captured in one CUDA graph, so the weights stream from HBM and each kernel
 starts cold, as in a decode step. Timed for the dispatch path (gemv_a4, autotuned, launched
 as a programmatic dependent, persistent for wide N) and with each of those switched off
-(BRQ_PDL=0, BRQ_GEMV_PERSIST=0) or forced (BRQ_GEMV_PERSIST=1), for gemv_a4 with each of its configs pinned for every
-shape, and for cuBLAS bf16 on the same shapes; each dispatch variant's outputs, replayed from
+(BRQ_PDL=0, BRQ_GEMV_PERSIST=0) or forced (BRQ_GEMV_PERSIST=1), for gemv_a4 with each of its
+configs pinned for every shape, and for cuBLAS bf16 on the same shapes; each dispatch variant's outputs, replayed from
 a graph (where PDL kernels overlap), must equal the default path's bit for bit. It shows how far the
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
 Writes decode-layers-<gpu>.json.

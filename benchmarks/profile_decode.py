@@ -21,7 +21,7 @@ STEPS = 32
 PROMPT_LEN = 512
 # category -> substrings of kernel names (lower case); first match wins, in this order
 CATEGORIES = {
-    "brq GEMM": ("_gemv_a4_kernel", "_gemv_a4_persist_kernel", "_gemv_kernel", "_w4a16_kernel", "_w4a4_fp8_kernel", "_w4a4_dot_scaled"),
+    "brq GEMM": ("_gemv_a4", "_gemv_kernel", "_w4a16_kernel", "_w4a4_fp8_kernel", "_w4a4_dot_scaled"),
     "activation quantization": ("_act_quant", "_fp8_chunk_max", "_fp8_apply"),
     "attention": ("flash", "attn", "attention", "reshape_and_cache", "paged"),
     "other GEMM (lm_head, bf16/FP8 linears)": ("gemm", "gemv", "nvjet", "cutlass", "xmma", "matmul", "splitk"),

@@ -23,7 +23,8 @@ def kernels_table(path: Path) -> str:
              "| shape (N x K) | backend | " + " | ".join(f"M={m}" for m in ms) + " |",
              "| --- | --- |" + " --- |" * len(ms)]
     for op in SHAPES:
-        for backend, label in (("brq_w4a4", "brq W4A4"), ("brq_w4a4_round5", "brq W4A4, round-5 decode (BRQ_PDL=0, BRQ_GEMV_PERSIST=0)"),
+        for backend, label in (("brq_w4a4", "brq W4A4"),
+                               ("brq_w4a4_round5", "brq W4A4, round-5 decode (BRQ_PDL=0, BRQ_GEMV_PERSIST=0)"),
                                ("brq_w4a4_torchmm", "brq W4A4, BRQ_FP8_GEMM=torch"), ("brq_w4a16", "brq W4A16"),
                                ("scaled_mm_fp8_rowwise", "FP8 cuBLAS (ref.)"),
                                ("vllm_cutlass_fp8", "FP8 vLLM CUTLASS (ref.)")):
@@ -55,9 +56,10 @@ def prefill_bounds_table(path: Path) -> str:
                 continue
             k = t["brq_w4a4"]["K"]
             # down_proj's input carries R4: the plain Hadamard brq-convert writes (signed in older files)
-            rot = next((f"act_quant_fp8_rot_{r}" for r in ("r32plain", "r32sign") if (f"act_quant_fp8_rot_{r}", k) in aq),
-                       None) if op == "down" else "act_quant_fp8_rot_none"
-            a = aq[(rot, k)] * m / 8192
+            rot = "none"
+            if op == "down":
+                rot = "r32plain" if ("act_quant_fp8_rot_r32plain", k) in aq else "r32sign"
+            a = aq[(f"act_quant_fp8_rot_{rot}", k)] * m / 8192
             bf, f8 = t["cublas_bf16"]["ms"], t[gemm]["ms"]
             lines.append(f"| {op} | {m} | {bf / f8:.2f}x | {bf / (f8 + a):.2f}x | {t['brq_w4a4']['ratio_vs_bf16']:.2f}x |")
     return "\n".join(lines)
