@@ -14,6 +14,12 @@ random prompts (any Llama-style one; its vocabulary only bounds the ids).
     python benchmarks/bench_e2e.py --tokenizer TOKDIR                      # everything (~25 min)
     python benchmarks/bench_e2e.py --tokenizer TOKDIR --modes brq-w4a4     # resumable: --state keeps
                                                                           # checkpoints and finished rows
+    python benchmarks/bench_e2e.py --tokenizer TOKDIR --modes '' --profile '' \
+        --latency-only brq-w4a4,brq-w4a4-round5 --graph-profile brq-w4a4  # one question, a few minutes
+
+`--latency-only` modes get the batch-1 latency alone (`latency_only_rows`); `--graph-profile`
+modes are profiled under CUDA graphs as served (`decode_profile_graphs`, with the wall-clock
+step beside the kernel sum).
 """
 
 from __future__ import annotations
@@ -114,6 +120,8 @@ def main(argv=None) -> None:
     p.add_argument("--tokenizer", required=True, type=Path)
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     p.add_argument("--profile", default=",".join(PROFILED), help="modes whose decode step is profiled ('' for none)")
+    p.add_argument("--latency-only", default="", help="modes timed by `vllm bench latency` only")
+    p.add_argument("--graph-profile", default="", help="modes whose decode step is profiled under CUDA graphs")
     p.add_argument("--state", type=Path, default=Path.home() / "e2e", help="keeps checkpoints and finished rows")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/e2e-<gpu>.json)")
     args = p.parse_args(argv)
@@ -138,16 +146,29 @@ def main(argv=None) -> None:
                "engine_wall_s": round(lat["wall_s"] + thr["wall_s"], 1)}
         row_file.write_text(json.dumps(row))
         print(json.dumps(row), flush=True)
-    for mode in filter(None, args.profile.split(",")):
-        prof = state / "rows" / f"profile-{mode}.json"
-        if not prof.exists():
-            ckpt, extra, env = MODES[mode]
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), str(state / "models" / ckpt),
-                   "--out", str(prof), *extra]
-            subprocess.run(cmd, check=True, env={**os.environ, **env})
-    rows = [json.loads((state / "rows" / f"{m}.json").read_text()) for m in MODES if (state / "rows" / f"{m}.json").exists()]
-    profiles = {m: json.loads((state / "rows" / f"profile-{m}.json").read_text())
-                for m in MODES if (state / "rows" / f"profile-{m}.json").exists()}
+    for mode in filter(None, args.latency_only.split(",")):
+        row_file = state / "rows" / f"latency-{mode}.json"
+        if row_file.exists():
+            continue
+        ckpt, extra, env = MODES[mode]
+        lat = vllm_bench("latency", state / "models" / ckpt, extra, state / f"{mode}-latency.json",
+                         state / f"{mode}-latency.log", env)
+        row_file.write_text(json.dumps({"mode": mode, "latency_s": lat["avg_latency"],
+                                        "engine_wall_s": round(lat["wall_s"], 1)}))
+        print(row_file.read_text(), flush=True)
+    for kind, modes in (("profile", args.profile), ("profile-graphs", args.graph_profile)):
+        for mode in filter(None, modes.split(",")):
+            prof = state / "rows" / f"{kind}-{mode}.json"
+            if not prof.exists():
+                ckpt, extra, env = MODES[mode]
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), str(state / "models" / ckpt),
+                       "--out", str(prof), *extra, *(["--graphs"] if kind == "profile-graphs" else [])]
+                subprocess.run(cmd, check=True, env={**os.environ, **env})
+
+    def saved(prefix: str) -> dict:
+        return {m: json.loads((state / "rows" / f"{prefix}{m}.json").read_text())
+                for m in MODES if (state / "rows" / f"{prefix}{m}.json").exists()}
+    rows = list(saved("").values())
     import vllm
 
     result = {"device": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -155,7 +176,11 @@ def main(argv=None) -> None:
               "model": "Llama-3-8B shape, random bf16 weights (seed 0); brq: RTN, block rotation 32",
               "latency": "vllm bench latency: batch 1, 512 in, 128 out (3 warmup, 10 iterations)",
               "throughput": "vllm bench throughput: 256 prompts, 1024 in, 256 out; tokens/s counts input and output",
-              "command": "python benchmarks/bench_e2e.py --tokenizer TOKDIR", "rows": rows, "decode_profile": profiles}
+              "command": "python benchmarks/bench_e2e.py --tokenizer TOKDIR", "rows": rows,
+              "decode_profile": saved("profile-")}
+    for key, prefix in (("latency_only_rows", "latency-"), ("decode_profile_graphs", "profile-graphs-")):
+        if saved(prefix):
+            result[key] = list(saved(prefix).values()) if key.endswith("rows") else saved(prefix)
     short = next((t for t in gpu.split() if any(c.isdigit() for c in t)), gpu.split()[-1]).lower()  # "h100"
     out = args.out or ROOT / "benchmarks" / "results" / f"e2e-{short}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@
    as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
    Timed beside the default path: brq_w4a4_round5 (M = 1 without PDL or the persistent GEMV),
-   brq_gemv_a4_persist_only (the persistent kernel on every shape), the act-quant's
-   rounding="bits" rows and, when
+   brq_gemv_a4_persist_only (the persistent kernel on every shape), the FP8 act-quant with the
+   rounding dispatch does not run (`_fast` rows while BRQ_ACT_ROUNDING is its default "bits") and, when
    vLLM is importable (PYTHONPATH with the kit; brq_w4a4 prefill then runs on vLLM's CUTLASS
    FP8 GEMM), vllm_cutlass_fp8 (that GEMM alone) and brq_w4a4_torchmm (BRQ_FP8_GEMM=torch).
 """
@@ -150,7 +150,7 @@ def check(log, smollm2_path, decode=False):
         ex = dispatch.prepare_extras(wp, ws, r)
         bias = torch.randn(wp.shape[0], device="cuda", dtype=torch.bfloat16)
         yb0 = y0 + bias.double()
-        a4_cfgs = {f"{c.kwargs['BN']}x{c.kwargs['NBK']}w{c.num_warps}": rel(gemm.gemv_a4(
+        a4_cfgs = {f"{c.kwargs['BN']}x{c.kwargs['NBK']}w{c.num_warps}d{c.kwargs.get('DEPTH', 2)}": rel(gemm.gemv_a4(
             xp[:4], xs[:4], wp, ws, out_dtype=torch.float32, config=dict(c.kwargs, num_warps=c.num_warps)), y0[:4])
             for c in gemm._GEMV_A4_CONFIGS}
         if decode:
@@ -257,8 +257,10 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
             rots = (("none", None), ("r32", r), ("r32sign", rp), ("r32plain", rpl)) + (
                 (("r32blksign", rpb),) if mode == aq.MODE_FP8 else ())
             variants = [(rname, rr, {}) for rname, rr in rots]
-            if mode == aq.MODE_FP8:  # round 6 rounding (experiment; the default is "fast")
-                variants += [(f"{rname}_bits", rr, dict(rounding="bits")) for rname, rr in rots if rname != "r32"]
+            if mode == aq.MODE_FP8:  # the rounding dispatch does not run (BRQ_ACT_ROUNDING), for comparison
+                other = "fast" if dispatch.act_rounding() == "bits" else "bits"
+                variants = [(rname, rr, dict(rounding=dispatch.act_rounding())) for rname, rr in rots]
+                variants += [(f"{rname}_{other}", rr, dict(rounding=other)) for rname, rr in rots if rname != "r32"]
             for rname, rr, extra in variants:
                 kw = dict(with_scale=True, **extra) if mode == aq.MODE_FP8 else {}
                 ms = graph_time([lambda: aq.quantize_activation(x, rr, mode, **kw)])

@@ -11,6 +11,10 @@ as a programmatic dependent, persistent for wide N) and with each of those switc
 configs pinned for every shape, and for cuBLAS bf16 on the same shapes; each dispatch variant's outputs, replayed from
 a graph (where PDL kernels overlap), must equal the default path's bit for bit. It shows how far the
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
+Per shape (`per_shape_us_per_layer`: 32 calls of one shape in a graph, weights cold): the dispatch
+pair, the act-quant alone, gemv_a4 alone (activation quantized before the graph: autotuned,
+persistent, and each config pinned, DEPTH included), so a step's time splits into its parts and
+each config is judged where it runs rather than by the autotuner's isolated timing.
 Writes decode-layers-<gpu>.json.
 """
 
@@ -46,6 +50,32 @@ def graph_outputs(fn):
     g.replay()
     torch.cuda.synchronize()
     return [o.clone() for o in out]
+
+
+def config_label(c) -> str:
+    return f"BN={c.kwargs['BN']} NBK={c.kwargs['NBK']} warps={c.num_warps} DEPTH={c.kwargs.get('DEPTH', 2)}"
+
+
+def shape_parts(layers, name: str) -> dict[str, float]:
+    """us per call of one shape's decode pieces, each timed as a graph over the layers."""
+    ops = [layer[name] for layer in layers]
+    pre = [aq.quantize_activation(x, r, aq.MODE_PAIRS) for _, _, r, x in ops]
+
+    def timed(fn):
+        return round(graph_time([lambda: [fn(op, p) for op, p in zip(ops, pre)]], reps=20) * 1e3 / len(ops), 2)
+
+    parts = {"dispatch (act-quant + gemv_a4)": timed(lambda op, p: dispatch.brq_linear(
+                 op[3], op[0], op[1], op[2].r if op[2] else None, None, True,
+                 rotation_sign=op[2].sign if op[2] else None)),
+             "act-quant alone": timed(lambda op, p: aq.quantize_activation(op[3], op[2], aq.MODE_PAIRS)),
+             "gemv_a4 alone, autotuned": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1])),
+             "gemv_a4 alone, persistent": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1],
+                                                                          persistent=True))}
+    for c in gemm._GEMV_A4_CONFIGS:
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        parts[f"gemv_a4 alone, {config_label(c)}"] = timed(
+            lambda op, p, cfg=cfg: gemm.gemv_a4(p[0], p[1], op[0], op[1], config=cfg))
+    return parts
 
 
 def main() -> None:
@@ -95,8 +125,8 @@ def main() -> None:
     picks = {str(k): str(v) for k, v in gemm._gemv_a4_kernel.cache.items()}
     for c in gemm._GEMV_A4_CONFIGS:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        res[f"pinned BN={c.kwargs['BN']} NBK={c.kwargs['NBK']} warps={c.num_warps}"] = (
-            graph_time([step(cfg)], reps=20) * 1e3 / args.layers)
+        res[f"pinned {config_label(c)}"] = graph_time([step(cfg)], reps=20) * 1e3 / args.layers
+    per_shape = {name: shape_parts(layers, name) for name in SHAPES}
     del layers
     torch.cuda.empty_cache()
     wb = [{n: torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
@@ -111,6 +141,7 @@ def main() -> None:
            "command": " ".join(sys.argv), "layers": args.layers, "linears_per_graph": n_lin,
            "us_per_layer": {k: round(v, 2) for k, v in res.items()},
            "ratio_vs_bf16": {k: round(bf16 / v, 3) for k, v in res.items()}, "autotuner_picks": picks,
+           "per_shape_us_per_layer": per_shape,
            "outputs_identical_to_default_eager": identical}
     print(json.dumps(out, indent=1))
     gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
