@@ -47,6 +47,7 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4-round5": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
                         {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"}),
     "brq-w4a4-torchmm": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "torch"}),
+    "brq-w4a4-pdl2": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "2"}),  # round 8
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")

@@ -9,6 +9,7 @@
    as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
    Timed beside the default path: brq_w4a4_round5 (M = 1 without PDL or the persistent GEMV),
+   brq_w4a4_pdl2 (M = 1 with the act-quant launched as a programmatic dependent too, BRQ_PDL=2),
    brq_gemv_a4_persist_only (the persistent kernel on every shape), the FP8 act-quant with the
    rounding dispatch does not run (`_fast` rows while BRQ_ACT_ROUNDING is its default "bits") and, when
    vLLM is importable (PYTHONPATH with the kit; brq_w4a4 prefill then runs on vLLM's CUTLASS
@@ -76,11 +77,16 @@ def vllm_cutlass():
 
 
 def pdl_pair_identical(x, r, wp, ws):
-    """act-quant (launch_dependents) -> gemv_a4 (pdl) gives the same bits as the plain pair."""
-    xp, xs = aq.quantize_activation(x, r, aq.MODE_PAIRS, launch_dependents=True)
-    y = gemm.gemv_a4(xp, xs, wp, ws, pdl=True)
+    """x written by a kernel -> act-quant (launch_dependents, and a dependent itself as BRQ_PDL=2
+    runs it) -> gemv_a4 (pdl) gives the same bits as the plain pair."""
     xp0, xs0 = aq.quantize_activation(x, r, aq.MODE_PAIRS)
-    return bool(torch.equal(y, gemm.gemv_a4(xp0, xs0, wp, ws)))
+    want = gemm.gemv_a4(xp0, xs0, wp, ws)
+    same = True
+    for wait in (False, True):
+        xw = x * 1  # written by the kernel just before the act-quant
+        xp, xs = aq.quantize_activation(xw, r, aq.MODE_PAIRS, launch_dependents=True, pdl=wait)
+        same &= bool(torch.equal(gemm.gemv_a4(xp, xs, wp, ws, pdl=True), want))
+    return same
 
 
 def persist_identical(xp, xs, wp, ws):
@@ -307,6 +313,9 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
             if M == 1:  # round 5's decode path (no PDL, never persistent): what the defaults gain
                 with env_set("BRQ_PDL", "0"), env_set("BRQ_GEMV_PERSIST", "0"):
                     t["brq_w4a4_round5"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
+                        x, p, s, r, None, True, **e) for p, s, e in exs])
+                with env_set("BRQ_PDL", "2"):  # the act-quant a programmatic dependent too (round 8)
+                    t["brq_w4a4_pdl2"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
                         x, p, s, r, None, True, **e) for p, s, e in exs])
             if cutlass is not None and M > gemm.GEMV_MAX_M:  # BRQ_FP8_GEMM=torch: act-quant + torch._scaled_mm
                 with env_set("BRQ_FP8_GEMM", "torch"):

@@ -13,7 +13,7 @@ a graph (where PDL kernels overlap), must equal the default path's bit for bit. 
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
 Per shape (`per_shape_us_per_layer`: 32 calls of one shape in a graph, weights cold): the dispatch
 pair, the act-quant alone, gemv_a4 alone (activation quantized before the graph: autotuned,
-persistent, and each config pinned, DEPTH included), so a step's time splits into its parts and
+persistent, and each config pinned), so a step's time splits into its parts and
 each config is judged where it runs rather than by the autotuner's isolated timing.
 Writes decode-layers-<gpu>.json.
 """
@@ -53,7 +53,7 @@ def graph_outputs(fn):
 
 
 def config_label(c) -> str:
-    return f"BN={c.kwargs['BN']} NBK={c.kwargs['NBK']} warps={c.num_warps} DEPTH={c.kwargs.get('DEPTH', 2)}"
+    return f"BN={c.kwargs['BN']} NBK={c.kwargs['NBK']} warps={c.num_warps}"
 
 
 def shape_parts(layers, name: str) -> dict[str, float]:
@@ -64,13 +64,18 @@ def shape_parts(layers, name: str) -> dict[str, float]:
     def timed(fn):
         return round(graph_time([lambda: [fn(op, p) for op, p in zip(ops, pre)]], reps=20) * 1e3 / len(ops), 2)
 
-    parts = {"dispatch (act-quant + gemv_a4)": timed(lambda op, p: dispatch.brq_linear(
-                 op[3], op[0], op[1], op[2].r if op[2] else None, None, True,
-                 rotation_sign=op[2].sign if op[2] else None)),
+    def linear(op, p):
+        return dispatch.brq_linear(op[3], op[0], op[1], op[2].r if op[2] else None, None, True,
+                                   rotation_sign=op[2].sign if op[2] else None)
+
+    parts = {"dispatch (act-quant + gemv_a4)": timed(linear)}
+    with env_set("BRQ_PDL", "2"):
+        parts["dispatch, BRQ_PDL=2"] = timed(linear)
+    parts.update({
              "act-quant alone": timed(lambda op, p: aq.quantize_activation(op[3], op[2], aq.MODE_PAIRS)),
              "gemv_a4 alone, autotuned": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1])),
              "gemv_a4 alone, persistent": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1],
-                                                                          persistent=True))}
+                                                                          persistent=True))})
     for c in gemm._GEMV_A4_CONFIGS:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         parts[f"gemv_a4 alone, {config_label(c)}"] = timed(
@@ -113,6 +118,7 @@ def main() -> None:
     variants = {"dispatch (act-quant + gemv_a4, autotuned; PDL, persistent for N >= 16384)": {},
                 "BRQ_PDL=0 BRQ_GEMV_PERSIST=0 (round 5)": {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"},
                 "BRQ_PDL=0": {"BRQ_PDL": "0"},
+                "BRQ_PDL=2 (the act-quant a dependent too)": {"BRQ_PDL": "2"},
                 "BRQ_GEMV_PERSIST=0": {"BRQ_GEMV_PERSIST": "0"},
                 "BRQ_GEMV_PERSIST=1 (persistent on every shape)": {"BRQ_GEMV_PERSIST": "1"}}
     for label, env in variants.items():

@@ -31,7 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MODE_MXFP4 = 0
 MODE_DEQUANT = 1
@@ -132,9 +132,11 @@ def _row_scale(erow):
 def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                       R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, MODE: tl.constexpr,
                       BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr,
-                      LAUNCH_DEPENDENTS: tl.constexpr):
+                      LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False):
     if LAUNCH_DEPENDENTS:  # a PDL-launched GEMV after this may start streaming its weights now
         gdc_launch_dependents()
+    if WAIT_PRIMARY:  # launched as a programmatic dependent: x is complete only after the wait
+        gdc_wait()
     pid = tl.program_id(0)
     offs_m = pid * BM + tl.arange(0, BM)
     if MODE == 2:  # the row exponent needs the whole row: one program walks all of K
@@ -447,6 +449,11 @@ def _sylvester(n: int, like: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _pdl_launch(pdl: bool) -> dict:
+    """Launch options of a kernel that waits for the one before it (WAIT_PRIMARY)."""
+    return dict(WAIT_PRIMARY=True, launch_pdl=True) if pdl else {}
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -515,7 +522,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                         num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
                         with_scale: bool = False, fp8_impl: str | None = None,
                         programs_per_sm: int | None = None, rounding: str = "bits",
-                        launch_dependents: bool = False):
+                        launch_dependents: bool = False, pdl: bool = False):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     (MODE_PAIRS: float16 [M, K] in `pairs_order`, scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
@@ -528,7 +535,10 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     at K = 4096 unrotated, neutral with the FWHT, H100), "fast" (round 3) or "compare"; the same
     bytes (`_fp8_from_rotated`).
     launch_dependents (MXFP4, PAIRS, DEQUANT): let a programmatic-dependent kernel queued
-    next (gemm.gemv_a4 with pdl) launch as soon as this one starts."""
+    next (gemm.gemv_a4 with pdl) launch as soon as this one starts.
+    pdl (MXFP4, PAIRS, DEQUANT; sm90+): launch as a programmatic dependent of the kernel before
+    it on the stream (whatever wrote x), which waits (griddepcontrol.wait) before reading x:
+    its launch overlaps that kernel's tail. Ignored by the interpreter."""
     M, K = x.shape
     if K % 32:
         raise ValueError(f"activation quantization needs K % 32 == 0, got {K}")
@@ -601,5 +611,5 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
         s.stride(0) if s.dim() == 2 else 1,
         R_BSTRIDE=r_bstride, HAS_R=r is not None, MODE=mode, BM=block_m, NB=nb,
         ROT_PRECISION=rot_precision, SIGN=sign is not None, LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
-        num_warps=num_warps or 4)
+        num_warps=num_warps or 4, **_pdl_launch(pdl and not _interpreting()))
     return q if mode == MODE_DEQUANT else (q, s)

@@ -9,7 +9,7 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 - W4A4, M = 1 (M <= 4 without the FP8 copy): activation quantized to MXFP4 as fp16 pairs
   (MODE_PAIRS), then the bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0:
   fake-quant bf16 + gemv), launched as a programmatic dependent of the act-quant on sm90+
-  (BRQ_PDL=0: plain launch) and persistent for wide outputs (N >= PERSIST_MIN_N;
+  (BRQ_PDL=0: plain launch; =2: the act-quant too, of the kernel before it) and persistent for wide outputs (N >= PERSIST_MIN_N;
   BRQ_GEMV_PERSIST=0/1: never/always).
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
   (act_quant.default_fp8_impl), then an FP8 GEMM with row/column powers of two:
@@ -87,11 +87,16 @@ def gemv_a4_enabled() -> bool:
     return os.environ.get("BRQ_GEMV_A4", "1") not in ("0", "false", "False", "")
 
 
-def pdl_enabled() -> bool:
-    """The decode gemv_a4 starts streaming its first weight tiles while the act-quant before it
-    runs (programmatic dependent launch, sm90+). H100, decode_layers.py: with the persistent
-    gate_up GEMV, 66.2 -> 61.1 us per layer of four linears. BRQ_PDL=0 turns it off."""
-    return os.environ.get("BRQ_PDL", "1") not in ("0", "false", "False", "")
+def pdl_level() -> int:
+    """Programmatic dependent launch (sm90+) in W4A4 decode. BRQ_PDL=1 (default): the gemv_a4
+    starts streaming its first weight tiles while the act-quant before it runs (H100,
+    decode_layers.py: with the persistent gate_up GEMV, 66.2 -> 61.1 us per layer of four
+    linears). BRQ_PDL=2: the act-quant too is launched as a dependent of whatever kernel wrote
+    its input (round 8 experiment). BRQ_PDL=0: plain launches."""
+    level = os.environ.get("BRQ_PDL", "1")
+    if level not in ("0", "1", "2"):
+        raise ValueError(f"BRQ_PDL must be '0', '1' or '2', got {level!r}")
+    return int(level)
 
 
 @functools.lru_cache(maxsize=None)
@@ -267,8 +272,9 @@ def brq_linear(
         # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100).
         # MXFP4 activation as fp16 pairs + the fp16 block-sum gemv (BRQ_GEMV_A4=0: fake-quant bf16 + gemv)
         if gemv_a4_enabled():
-            pdl = backend != "sm80" and pdl_enabled()
-            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=pdl)
+            level = pdl_level() if backend != "sm80" else 0
+            pdl = level >= 1
+            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=pdl, pdl=level == 2)
             y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype, pdl=pdl,
                              persistent=gemv_persistent(weight_packed.shape[0]))
         else:

@@ -340,13 +340,9 @@ def gemv(a, weight_packed, weight_scale, bias=None, config=None, use_asm=None):
 
 # H100, a 32-layer decode sequence (benchmarks/decode_layers.py): the small tiles win (BN 4 x
 # NBK 32, 4 warps; BN 2 x 32, 2 warps for gate_up): more CTAs than SMs, one block per thread
-# (BN, NBK, warps, DEPTH): DEPTH weight tiles in flight per program (round 8: 3 and 4, and one tile
-# holding all of K = 4096, NBK = 128)
-_GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk, "DEPTH": d}, num_warps=w, num_stages=1)
-                    for bn, nbk, w, d in ((4, 32, 4, 2), (2, 32, 2, 2), (8, 32, 4, 2), (4, 64, 4, 2), (2, 64, 4, 2),
-                                          (4, 64, 8, 2), (8, 16, 4, 2), (16, 32, 8, 2), (4, 32, 4, 3), (4, 32, 4, 4),
-                                          (2, 32, 2, 4), (2, 64, 4, 3), (2, 64, 4, 4), (4, 128, 4, 2),
-                                          (2, 128, 4, 2))]
+_GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=1)
+                    for bn, nbk, w in ((4, 32, 4), (2, 32, 2), (8, 32, 4), (4, 64, 4), (2, 64, 4), (4, 64, 8),
+                                       (8, 16, 4), (16, 32, 8))]
 
 _PAIRS_DECODE = """
     shl.b32 t, $WORD, 9;  and.b32 t, t, 0x0E000E00; shl.b32 u, $WORD, 12; and.b32 u, u, 0x80008000; or.b32 d0, t, u;
@@ -471,8 +467,7 @@ def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs
 @triton.jit
 def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_asm,
                     stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                    DEPTH: tl.constexpr = 2):
+                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     """Round 5 decode (W4A4, M <= 4). Both operands are E2M1 inside a 32-block, so a block's
     dot product is exact in fp16: the weight nibbles become fp16 E2M1 * 2^-14 by shifts and
     masks on whole int32 words (8 nibbles, 4 fp16x2 registers), the activation arrives
@@ -481,13 +476,12 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     running sum is below 2^-4 (the only rounding: a lane of 16 products all near 36 * 2^-13);
     then one float32 conversion and one multiply by 2^(sw - 127) 2^(sa - 127) 2^13 per block.
     A thread reads whole blocks (16-byte weight loads, the activation from L1 in the same
-    layout: no shared memory), the next DEPTH - 1 tiles' weights are loaded before this tile's math,
+    layout: no shared memory), the next tile's weights are loaded before this tile's math,
     block sums accumulate per (row, block) lane until one reduction at the end, and rows past
     N re-read row N-1 (stores are masked) so the loop has no masks when K/32 % NBK == 0.
-    PDL (programmatic dependent launch): the first DEPTH weight tiles are requested before
+    PDL (programmatic dependent launch): the first two weight tiles are requested before
     griddepcontrol.wait, so they stream in while the act-quant that feeds this kernel ends;
     nothing written by an earlier kernel (activation, output) is touched before the wait."""
-    tl.static_assert(DEPTH >= 2 and DEPTH <= 4, "gemv_a4 keeps 2 to 4 weight tiles in flight")
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -497,31 +491,18 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     w_tile = w_ptr + rows[:, None, None] * stride_wn + offs_b[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     s_tile = ws_ptr + rows[:, None] * stride_sn + offs_b[None, :]
     a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (rows * 0).to(tl.int32)[:, None, None]
-    # DEPTH tiles in flight: this one and the next DEPTH - 1 (tiles past the end re-read the last one: no masks)
+    # two tiles in flight: this one and the next (tiles past the end re-read the last one: no masks)
     p, s = _w_tile_load(w_tile, s_tile, 0, KB, NBK, offs_b, EVEN_K, USE_ASM)
     p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-    if DEPTH >= 3:
-        p2, s2 = _w_tile_load(w_tile, s_tile, 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-    else:
-        p2, s2 = p1, s1
-    if DEPTH >= 4:
-        p3, s3 = _w_tile_load(w_tile, s_tile, 3 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-    else:
-        p3, s3 = p2, s2
     if PDL:
         gdc_wait()
     acc1 = tl.zeros([BN, NBK], dtype=tl.float32)  # M = 1: per-thread partial sums, reduced once at the end
     acc = tl.zeros([BM, BN], dtype=tl.float32)  # M > 1: reduced every tile
     for kb in range(0, KB, NBK):
-        pn, sn = _w_tile_load(w_tile, s_tile, kb + DEPTH * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+        p2, s2 = _w_tile_load(w_tile, s_tile, kb + 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
         acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
                              BM, EVEN_K, USE_ASM)
-        if DEPTH == 2:
-            p, s, p1, s1 = p1, s1, pn, sn
-        elif DEPTH == 3:
-            p, s, p1, s1, p2, s2 = p1, s1, p2, s2, pn, sn
-        else:
-            p, s, p1, s1, p2, s2, p3, s3 = p1, s1, p2, s2, p3, s3, pn, sn
+        p, s, p1, s1 = p1, s1, p2, s2
     if BM == 1:
         acc = tl.sum(acc1, axis=1)[None, :]
     _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)

@@ -70,22 +70,31 @@ def test_kernel_compiles_for_sm90(name):
     _each_config(kernel, ptrs, variants)
 
 
-@pytest.mark.parametrize("persistent,depth", [(False, 2), (False, 4), (True, 2)])
-def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait(persistent, depth):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait(persistent):
     """With PDL the gemv may run while the act-quant that writes its input ends: only weights
-    and their scales (DEPTH tiles: 16-byte words + a scale byte each) may be loaded before
+    and their scales (two tiles: 2 x 16-byte words + 2 scale bytes) may be loaded before
     griddepcontrol.wait; without PDL there is no wait at all."""
     ptrs = dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32")
     kernel = gemm._gemv_a4_persist_kernel if persistent else gemm._gemv_a4_kernel
     cx = dict(HAS_BIAS=True, BM=1, USE_ASM=True, EVEN_K=True, BN=4, NBK=32, PPS=8)
-    if not persistent:
-        cx["DEPTH"] = depth
     lines = _compile(kernel, ptrs, dict(cx, PDL=True)).asm["ptx"].splitlines()
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
     assert len(waits) == 1
     early = [line.split()[0] for line in lines[:waits[0]] if "ld.global" in line]
-    assert sorted(early) == ["ld.global.nc.u8"] * depth + ["ld.global.v4.b32"] * depth, early
+    assert sorted(early) == ["ld.global.nc.u8", "ld.global.nc.u8", "ld.global.v4.b32", "ld.global.v4.b32"], early
     assert "griddepcontrol" not in _compile(kernel, ptrs, dict(cx, PDL=False)).asm["ptx"]
+
+
+def test_act_quant_as_a_dependent_waits_before_reading_its_input():
+    """BRQ_PDL=2: the act-quant may start while the kernel writing x ends, so griddepcontrol.wait
+    comes before any load (after the trigger for the GEMV behind it)."""
+    ptrs = dict(ACT, q_ptr="*fp16", s_ptr="*u8")
+    cx = dict(R_BSTRIDE=0, HAS_R=True, MODE=aq.MODE_PAIRS, BM=1, NB=16, ROT_PRECISION="tf32x3", SIGN=True,
+              LAUNCH_DEPENDENTS=True)
+    ptx = _compile(aq._act_quant_kernel, ptrs, dict(cx, WAIT_PRIMARY=True)).asm["ptx"]
+    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+    assert "griddepcontrol.wait" not in _compile(aq._act_quant_kernel, ptrs, cx).asm["ptx"]
 
 
 def test_act_quant_triggers_dependents_first_only_when_asked():
