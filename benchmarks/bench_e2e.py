@@ -15,7 +15,7 @@ random prompts (any Llama-style one; its vocabulary only bounds the ids).
     python benchmarks/bench_e2e.py --tokenizer TOKDIR --modes brq-w4a4     # resumable: --state keeps
                                                                           # checkpoints and finished rows
     python benchmarks/bench_e2e.py --tokenizer TOKDIR --modes '' --profile '' \
-        --latency-only brq-w4a4,brq-w4a4-round5 --graph-profile brq-w4a4  # one question, a few minutes
+        --latency-only brq-w4a4,brq-w4a4-pdl1 --graph-profile brq-w4a4  # one question, a few minutes
 
 `--latency-only` modes get the batch-1 latency alone (`latency_only_rows`); `--graph-profile`
 modes are profiled under CUDA graphs as served (`decode_profile_graphs`, with the wall-clock
@@ -47,7 +47,7 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4-round5": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
                         {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"}),
     "brq-w4a4-torchmm": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "torch"}),
-    "brq-w4a4-pdl2": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "2"}),  # round 8
+    "brq-w4a4-pdl1": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),  # rounds 6-7
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")

@@ -9,7 +9,7 @@
    as CUDA-graph replays cycling over enough weight/input copies to defeat the 50 MB L2.
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
    Timed beside the default path: brq_w4a4_round5 (M = 1 without PDL or the persistent GEMV),
-   brq_w4a4_pdl2 (M = 1 with the act-quant launched as a programmatic dependent too, BRQ_PDL=2),
+   brq_w4a4_pdl1 (M = 1 with only the GEMV a programmatic dependent, BRQ_PDL=1),
    brq_gemv_a4_persist_only (the persistent kernel on every shape), the FP8 act-quant with the
    rounding dispatch does not run (`_fast` rows while BRQ_ACT_ROUNDING is its default "bits") and, when
    vLLM is importable (PYTHONPATH with the kit; brq_w4a4 prefill then runs on vLLM's CUTLASS
@@ -314,8 +314,8 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
                 with env_set("BRQ_PDL", "0"), env_set("BRQ_GEMV_PERSIST", "0"):
                     t["brq_w4a4_round5"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
                         x, p, s, r, None, True, **e) for p, s, e in exs])
-                with env_set("BRQ_PDL", "2"):  # the act-quant a programmatic dependent too (round 8)
-                    t["brq_w4a4_pdl2"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
+                with env_set("BRQ_PDL", "1"):  # only the GEMV a programmatic dependent (rounds 6-7)
+                    t["brq_w4a4_pdl1"] = graph_time([lambda p=p, s=s, e=e: dispatch.brq_linear(
                         x, p, s, r, None, True, **e) for p, s, e in exs])
             if cutlass is not None and M > gemm.GEMV_MAX_M:  # BRQ_FP8_GEMM=torch: act-quant + torch._scaled_mm
                 with env_set("BRQ_FP8_GEMM", "torch"):

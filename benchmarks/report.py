@@ -24,6 +24,7 @@ def kernels_table(path: Path) -> str:
              "| --- | --- |" + " --- |" * len(ms)]
     for op in SHAPES:
         for backend, label in (("brq_w4a4", "brq W4A4"),
+                               ("brq_w4a4_pdl1", "brq W4A4, rounds 6-7 decode (BRQ_PDL=1)"),
                                ("brq_w4a4_round5", "brq W4A4, round-5 decode (BRQ_PDL=0, BRQ_GEMV_PERSIST=0)"),
                                ("brq_w4a4_torchmm", "brq W4A4, BRQ_FP8_GEMM=torch"), ("brq_w4a16", "brq W4A16"),
                                ("scaled_mm_fp8_rowwise", "FP8 cuBLAS (ref.)"),

@@ -340,9 +340,11 @@ def gemv(a, weight_packed, weight_scale, bias=None, config=None, use_asm=None):
 
 # H100, a 32-layer decode sequence (benchmarks/decode_layers.py): the small tiles win (BN 4 x
 # NBK 32, 4 warps; BN 2 x 32, 2 warps for gate_up): more CTAs than SMs, one block per thread
+# (BN, NBK, warps): the two configs that won in the decode chain (decode_layers.py per shape, two
+# H100 runs: every other config, incl. NBK = 64, which the isolated autotuning picked for down,
+# was slower on every shape, e.g. down 15.5 us at (4, 32, 4) vs 16.7 us autotuned over 8 configs)
 _GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=1)
-                    for bn, nbk, w in ((4, 32, 4), (2, 32, 2), (8, 32, 4), (4, 64, 4), (2, 64, 4), (4, 64, 8),
-                                       (8, 16, 4), (16, 32, 8))]
+                    for bn, nbk, w in ((4, 32, 4), (2, 32, 2))]
 
 _PAIRS_DECODE = """
     shl.b32 t, $WORD, 9;  and.b32 t, t, 0x0E000E00; shl.b32 u, $WORD, 12; and.b32 u, u, 0x80008000; or.b32 d0, t, u;

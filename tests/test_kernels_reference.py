@@ -160,7 +160,7 @@ def test_fp8_gemm_prefers_vllm_cutlass_and_falls_back_to_torch_when_vllm_cuda_op
 def test_switches_default_to_the_measured_winners(monkeypatch):
     for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_ACT_ROUNDING"):
         monkeypatch.delenv(name, raising=False)
-    assert dispatch.pdl_level() == 1 and dispatch.act_rounding() == "bits"
+    assert dispatch.pdl_level() == 2 and dispatch.act_rounding() == "bits"
     # persistent decode GEMV only for wide outputs (gate_up), where it measured faster
     assert dispatch.gemv_persistent(28672) and not dispatch.gemv_persistent(6144)
     monkeypatch.setenv("BRQ_PDL", "0")
@@ -168,8 +168,8 @@ def test_switches_default_to_the_measured_winners(monkeypatch):
     monkeypatch.setenv("BRQ_PDL", "on")
     with pytest.raises(ValueError, match="BRQ_PDL must be '0', '1' or '2'"):
         dispatch.pdl_level()
-    monkeypatch.setenv("BRQ_PDL", "2")
-    assert dispatch.pdl_level() == 2
+    monkeypatch.setenv("BRQ_PDL", "1")
+    assert dispatch.pdl_level() == 1
     monkeypatch.setenv("BRQ_GEMV_PERSIST", "1")
     assert dispatch.gemv_persistent(4096)
     monkeypatch.setenv("BRQ_GEMV_PERSIST", "0")
