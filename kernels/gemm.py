@@ -338,11 +338,10 @@ def gemv(a, weight_packed, weight_scale, bias=None, config=None, use_asm=None):
     return c
 
 
-# H100, a 32-layer decode sequence (benchmarks/decode_layers.py): the small tiles win (BN 4 x
-# NBK 32, 4 warps; BN 2 x 32, 2 warps for gate_up): more CTAs than SMs, one block per thread
-# (BN, NBK, warps): the two configs that won in the decode chain (decode_layers.py per shape, two
-# H100 runs: every other config, incl. NBK = 64, which the isolated autotuning picked for down,
-# was slower on every shape, e.g. down 15.5 us at (4, 32, 4) vs 16.7 us autotuned over 8 configs)
+# (BN, NBK, warps): the two configs that won in the H100 decode chain (benchmarks/decode_layers.py,
+# per shape, three runs): more CTAs than SMs, one block per thread. Every other config (its
+# CANDIDATES), incl. NBK = 64, which isolated autotuning picked for down, was slower on every
+# shape: down 16.67 -> 15.45 us once the list was cut to these two.
 _GEMV_A4_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=1)
                     for bn, nbk, w in ((4, 32, 4), (2, 32, 2))]
 
