@@ -179,9 +179,10 @@ def main(argv=None) -> None:
               "throughput": "vllm bench throughput: 256 prompts, 1024 in, 256 out; tokens/s counts input and output",
               "command": "python benchmarks/bench_e2e.py --tokenizer TOKDIR", "rows": rows,
               "decode_profile": saved("profile-")}
-    for key, prefix in (("latency_only_rows", "latency-"), ("decode_profile_graphs", "profile-graphs-")):
-        if saved(prefix):
-            result[key] = list(saved(prefix).values()) if key.endswith("rows") else saved(prefix)
+    if latency_only := saved("latency-"):
+        result["latency_only_rows"] = list(latency_only.values())
+    if graph_profiles := saved("profile-graphs-"):
+        result["decode_profile_graphs"] = graph_profiles
     short = next((t for t in gpu.split() if any(c.isdigit() for c in t)), gpu.split()[-1]).lower()  # "h100"
     out = args.out or ROOT / "benchmarks" / "results" / f"e2e-{short}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

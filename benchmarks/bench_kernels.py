@@ -156,7 +156,7 @@ def check(log, smollm2_path, decode=False):
         ex = dispatch.prepare_extras(wp, ws, r)
         bias = torch.randn(wp.shape[0], device="cuda", dtype=torch.bfloat16)
         yb0 = y0 + bias.double()
-        a4_cfgs = {f"{c.kwargs['BN']}x{c.kwargs['NBK']}w{c.num_warps}d{c.kwargs.get('DEPTH', 2)}": rel(gemm.gemv_a4(
+        a4_cfgs = {f"{c.kwargs['BN']}x{c.kwargs['NBK']}w{c.num_warps}": rel(gemm.gemv_a4(
             xp[:4], xs[:4], wp, ws, out_dtype=torch.float32, config=dict(c.kwargs, num_warps=c.num_warps)), y0[:4])
             for c in gemm._GEMV_A4_CONFIGS}
         if decode:
@@ -262,10 +262,10 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
                                     (aq.MODE_DEQUANT, "dequant", 2.0)):
             rots = (("none", None), ("r32", r), ("r32sign", rp), ("r32plain", rpl)) + (
                 (("r32blksign", rpb),) if mode == aq.MODE_FP8 else ())
-            variants = [(rname, rr, {}) for rname, rr in rots]
+            rounding = dict(rounding=dispatch.act_rounding()) if mode == aq.MODE_FP8 else {}
+            variants = [(rname, rr, rounding) for rname, rr in rots]
             if mode == aq.MODE_FP8:  # the rounding dispatch does not run (BRQ_ACT_ROUNDING), for comparison
-                other = "fast" if dispatch.act_rounding() == "bits" else "bits"
-                variants = [(rname, rr, dict(rounding=dispatch.act_rounding())) for rname, rr in rots]
+                other = "fast" if rounding["rounding"] == "bits" else "bits"
                 variants += [(f"{rname}_{other}", rr, dict(rounding=other)) for rname, rr in rots if rname != "r32"]
             for rname, rr, extra in variants:
                 kw = dict(with_scale=True, **extra) if mode == aq.MODE_FP8 else {}

@@ -41,17 +41,24 @@ def category(kernel: str) -> str:
     return "other"
 
 
-def kernel_us(llm, prompt: list[int], max_tokens: int) -> dict[str, float]:
-    """Microseconds of GPU kernel time per kernel name for one generate call."""
+def generate(llm, prompt: list[int], max_tokens: int) -> None:
+    """One greedy request of `prompt`, `max_tokens` tokens long, finished on the GPU."""
     import torch
-    from torch.autograd import DeviceType
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+    torch.cuda.synchronize()
+
+
+def kernel_us(llm, prompt: list[int], max_tokens: int) -> dict[str, float]:
+    """Microseconds of GPU kernel time per kernel name for one generate call."""
+    import torch
+    from torch.autograd import DeviceType
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
-        torch.cuda.synchronize()
+        generate(llm, prompt, max_tokens)
     out: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
         if e.device_type == DeviceType.CUDA:
@@ -61,17 +68,10 @@ def kernel_us(llm, prompt: list[int], max_tokens: int) -> dict[str, float]:
 
 def wall_s(llm, prompt: list[int], max_tokens: int, reps: int = 3) -> float:
     """Median wall-clock seconds of one generate call (GPU synchronized), no profiler."""
-    import torch
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     times = []
     for _ in range(reps):
-        torch.cuda.synchronize()
         t0 = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
-        torch.cuda.synchronize()
+        generate(llm, prompt, max_tokens)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
