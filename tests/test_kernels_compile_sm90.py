@@ -9,6 +9,7 @@ that the launcher specializes on aligned tensors, as on the GPU.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -103,3 +104,33 @@ def test_act_quant_triggers_dependents_first_only_when_asked():
     ptx = _compile(aq._act_quant_kernel, ptrs, dict(cx, LAUNCH_DEPENDENTS=True)).asm["ptx"]
     assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
     assert "griddepcontrol" not in _compile(aq._act_quant_kernel, ptrs, dict(cx, LAUNCH_DEPENDENTS=False)).asm["ptx"]
+
+
+def test_probe_kernels_compile_to_what_they_measure():
+    """The round-9 GPU probes stay runnable: l2_prefetch_probe's kernels are an L2 bulk prefetch
+    and per-line prefetches; gemv_issue_probe's block dots swap the nibble decode (e4m3: F2FP
+    conversions; floor: fewer instructions per loop than the shipped decode). Each decode in
+    its own process, as the probe runs them: Triton keys a JIT function's cache on the module
+    constant's value when the function is first compiled in a process."""
+    import l2_prefetch_probe
+
+    ints = {"base": "i64", "nbytes": "i64", "lo": "i64", "hi": "i64"}
+    bulk = _compile(l2_prefetch_probe._prefetch_kernel, ints, {"PIECE": 65536}, 1).asm["ptx"]
+    assert "cp.async.bulk.prefetch.L2.global" in bulk
+    lines = _compile(l2_prefetch_probe._prefetch_lines_kernel, ints, {"PIECE": 65536, "LINES": 512}, 4).asm["ptx"]
+    assert "prefetch.global.L2" in lines
+    script = (
+        "import sys; sys.path.insert(0, 'benchmarks')\n"
+        "import triton.language as tl, gemv_issue_probe as p\n"
+        "from sass_counts import WEIGHTS, compile_sm90, loop_body, sass\n"
+        "from vllm_brq.kernels import gemm\n"
+        "word = {'e4m3': p.E4M3_WORD, 'floor': p.FLOOR_WORD}.get(sys.argv[1])\n"
+        "if word: gemm.BLOCK_DOT_ASM = tl.constexpr(p.block_dot(word))\n"
+        "ck = compile_sm90(gemm._gemv_a4_kernel, dict(WEIGHTS, a_ptr='*i32', as_ptr='*u8', w_ptr='*i32'),\n"
+        "                  dict(HAS_BIAS=False, BM=1, BN=4, NBK=32, USE_ASM=True, EVEN_K=True, PDL=False))\n"
+        "print(' '.join(loop_body(sass(ck))))\n")
+    loops = {v: subprocess.run([sys.executable, "-c", script, v], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.split()
+             for v in ("current", "e4m3", "floor")}
+    assert "F2FP" in loops["e4m3"] and "F2FP" not in loops["current"]
+    assert len(loops["floor"]) < len(loops["e4m3"]) < len(loops["current"])
