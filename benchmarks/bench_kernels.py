@@ -233,6 +233,20 @@ def graph_time(fns, reps=10):
     return sorted(times)[len(times) // 2]
 
 
+def write_results(out_dir, stem: str, payload: dict) -> Path:
+    """`payload` with the device, versions, date and command in front, as <stem>-<gpu>.json in
+    out_dir (the small GPU scripts' results files)."""
+    props = torch.cuda.get_device_properties(0)
+    out = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(sys.argv), **payload}
+    gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / f"{stem}-{gpu}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
+
+
 def copy_bandwidth():
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)

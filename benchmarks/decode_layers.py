@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import SHAPES, env_set, graph_time, outlier_x  # noqa: E402
+from bench_kernels import SHAPES, env_set, graph_time, outlier_x, write_results  # noqa: E402
 
 from vllm_brq import mxfp4  # noqa: E402
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
@@ -145,18 +143,13 @@ def main() -> None:
     res["cublas bf16"] = graph_time([lambda: [torch.matmul(xb[n], w.t()) for lw in wb for n, w in lw.items()]],
                                     reps=20) * 1e3 / args.layers
     bf16 = res["cublas bf16"]
-    props = torch.cuda.get_device_properties(0)
-    out = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(sys.argv), "layers": args.layers, "linears_per_graph": n_lin,
+    out = {"layers": args.layers, "linears_per_graph": n_lin,
            "us_per_layer": {k: round(v, 2) for k, v in res.items()},
            "ratio_vs_bf16": {k: round(bf16 / v, 3) for k, v in res.items()}, "autotuner_picks": picks,
            "per_shape_us_per_layer": per_shape,
            "outputs_identical_to_default_eager": identical}
     print(json.dumps(out, indent=1))
-    gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"decode-layers-{gpu}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_results(args.out, "decode-layers", out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ only their speed is measured. Writes gemv-issue-probe-<gpu>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -29,11 +28,10 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import SHAPES, graph_time, outlier_x  # noqa: E402
+from bench_kernels import SHAPES, graph_time, outlier_x, write_results  # noqa: E402
 
 from vllm_brq import mxfp4  # noqa: E402
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
@@ -51,21 +49,11 @@ FLOOR_WORD = """
 """
 
 
-def block_dot(word: str) -> str:
-    body = ["{", ".reg .b32 t, u, d0, d1, d2, d3, acc;", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;", "mov.b32 acc, 0;"]
-    for w in range(4):
-        body.append(word.replace("$WORD", f"${1 + w}"))
-        for k in range(4):
-            body.append(f"fma.rn.f16x2 acc, d{k}, ${5 + 4 * w + k}, acc;")
-    body += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 $0, f0, f1;", "}"]
-    return "\n".join(body)
-
-
 def measure(variant: str, layers: int) -> dict:
     if variant == "e4m3":
-        gemm.BLOCK_DOT_ASM = tl.constexpr(block_dot(E4M3_WORD))
+        gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(E4M3_WORD))
     elif variant == "floor":
-        gemm.BLOCK_DOT_ASM = tl.constexpr(block_dot(FLOOR_WORD))
+        gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(FLOOR_WORD))
     gen = torch.Generator(device="cuda").manual_seed(0)
     res = {}
     for name, (N, K) in SHAPES.items():
@@ -104,13 +92,7 @@ def main() -> None:
         else:
             res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         print(variant, json.dumps(res[variant], indent=1), flush=True)
-    props = torch.cuda.get_device_properties(0)
-    out = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(sys.argv), "us_per_call": res}
-    gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"gemv-issue-probe-{gpu}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_results(args.out, "gemv-issue-probe", {"us_per_call": res})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ for each f and window, and writes l2-prefetch-probe-<gpu>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import SHAPES, graph_time, outlier_x  # noqa: E402
+from bench_kernels import SHAPES, graph_time, outlier_x, write_results  # noqa: E402
 
 from vllm_brq import mxfp4  # noqa: E402
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
@@ -124,13 +123,7 @@ def main() -> None:
         print(name, json.dumps(res[name], indent=1), flush=True)
         del ws, gemv
         torch.cuda.empty_cache()
-    props = torch.cuda.get_device_properties(0)
-    out = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(sys.argv), "us_per_call": res}
-    gpu = props.name.replace("NVIDIA ", "").split()[0].lower()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"l2-prefetch-probe-{gpu}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_results(args.out, "l2-prefetch-probe", {"us_per_call": res})
 
 
 if __name__ == "__main__":

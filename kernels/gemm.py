@@ -353,12 +353,13 @@ _PAIRS_DECODE = """
 """
 
 
-def _block_dot_asm() -> str:
+def _block_dot_asm(decode: str = _PAIRS_DECODE) -> str:
     """PTX for one 32-block: operands $1..$4 the weight words, $5..$20 the activation fp16x2
-    registers (word-major, 4 per word), result $0 the float32 block sum."""
+    registers (word-major, 4 per word), result $0 the float32 block sum. `decode` turns $WORD
+    into fp16x2 d0..d3 (scratch: t, u, lo, hi; benchmarks/gemv_issue_probe.py times others)."""
     body = ["{", ".reg .b32 t, u, d0, d1, d2, d3, acc;", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;", "mov.b32 acc, 0;"]
     for w in range(4):
-        body.append(_PAIRS_DECODE.replace("$WORD", f"${1 + w}"))
+        body.append(decode.replace("$WORD", f"${1 + w}"))
         for k in range(4):
             body.append(f"fma.rn.f16x2 acc, d{k}, ${5 + 4 * w + k}, acc;")
     body += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 $0, f0, f1;", "}"]

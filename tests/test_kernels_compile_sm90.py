@@ -125,7 +125,7 @@ def test_probe_kernels_compile_to_what_they_measure():
         "from sass_counts import WEIGHTS, compile_sm90, loop_body, sass\n"
         "from vllm_brq.kernels import gemm\n"
         "word = {'e4m3': p.E4M3_WORD, 'floor': p.FLOOR_WORD}.get(sys.argv[1])\n"
-        "if word: gemm.BLOCK_DOT_ASM = tl.constexpr(p.block_dot(word))\n"
+        "if word: gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(word))\n"
         "ck = compile_sm90(gemm._gemv_a4_kernel, dict(WEIGHTS, a_ptr='*i32', as_ptr='*u8', w_ptr='*i32'),\n"
         "                  dict(HAS_BIAS=False, BM=1, BN=4, NBK=32, USE_ASM=True, EVEN_K=True, PDL=False))\n"
         "print(' '.join(loop_body(sass(ck))))\n")
