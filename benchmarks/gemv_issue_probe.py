@@ -49,11 +49,15 @@ FLOOR_WORD = """
 """
 
 
+def use_decode(variant: str) -> None:
+    """Make gemv_a4 compile with `variant`'s block dot (before its first compile in this process)."""
+    word = {"current": None, "e4m3": E4M3_WORD, "floor": FLOOR_WORD}[variant]
+    if word:
+        gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(word))
+
+
 def measure(variant: str, layers: int) -> dict:
-    if variant == "e4m3":
-        gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(E4M3_WORD))
-    elif variant == "floor":
-        gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(FLOOR_WORD))
+    use_decode(variant)
     gen = torch.Generator(device="cuda").manual_seed(0)
     res = {}
     for name, (N, K) in SHAPES.items():

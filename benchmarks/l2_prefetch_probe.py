@@ -8,9 +8,10 @@ from HBM at ~0.78 of copy bandwidth. The probe models one window as a spin kerne
 (torch.cuda._sleep, no memory traffic) and asks, per Llama-3-8B decode weight, with 32
 distinct layers' weights in one CUDA graph (so nothing is in L2 by accident):
   [sleep W] [gemv_a4 weight i]                          (the window idle, as now)
-  [bulk L2 prefetch of a fraction f of weight i] [sleep W] [gemv_a4 weight i]
-The prefetch kernel issues cp.async.bulk.prefetch.L2 (fire and forget) on f of every 64 KB
-piece of the codes and scales, so prefetched and streamed bytes mix evenly in the GEMV.
+  [L2 prefetch of a fraction f of weight i] [sleep W] [gemv_a4 weight i]
+The prefetch takes f of every 64 KB piece of the codes and scales (so prefetched and streamed
+bytes mix evenly in the GEMV), issued two ways: one cp.async.bulk.prefetch.L2 per piece ("bulk",
+the TMA unit) or one prefetch.global.L2 per 128-byte line ("lines").
 Prints the GEMV's cost per call (replay time minus the same graph with the GEMV left out)
 for each f and window, and writes l2-prefetch-probe-<gpu>.json.
 """
@@ -77,54 +78,48 @@ def prefetch(t: torch.Tensor, frac: float, mode: str = "bulk") -> None:
                                      num_warps=max(1, min(4, piece // 4096)))
 
 
+def shape_rows(N: int, K: int, layers: int, cyc_per_us: float, gen) -> dict:
+    """One weight shape: the GEMV cold, hot, and after each (window, prefetch mode, fraction)."""
+    ws = [mxfp4.quantize(torch.randn(N, K, device="cuda", generator=gen) * 0.02) for _ in range(layers)]
+    xp, xs = aq.quantize_activation(outlier_x(1, K, gen), None, aq.MODE_PAIRS)
+    persist = dispatch.gemv_persistent(N)
+    gemv = [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist) for w in ws]
+    want = gemv[0]()
+    rows = {"gemv alone (cold, back to back)": graph_time(gemv, reps=20) * 1e3,
+            "gemv hot (same weight 32x)": graph_time([gemv[0]] * layers, reps=20) * 1e3}
+    for win, mode, frac in [(w, m, f) for w in (4, 15) for m in MODES for f in (0.0, 0.25, 0.5, 1.0)
+                            if m == MODES[0] or f]:
+        cyc = int(win * cyc_per_us)
+
+        def pf(i, frac=frac, mode=mode):
+            if frac:
+                prefetch(ws[i][0], frac, mode)
+                prefetch(ws[i][1], frac, mode)
+        base = graph_time([lambda i=i: (pf(i), torch.cuda._sleep(cyc)) for i in range(layers)], reps=20) * 1e3
+        full = graph_time([lambda i=i: (pf(i), torch.cuda._sleep(cyc), gemv[i]()) for i in range(layers)],
+                          reps=20) * 1e3
+        rows[f"window {win} us, {mode} prefetch f={frac}: gemv us"] = full - base
+        rows[f"window {win} us, {mode} prefetch f={frac}: prefetch+sleep us"] = base
+    prefetch(ws[0][0], 1.0)
+    prefetch(ws[0][1], 1.0)
+    rows["outputs identical with prefetch"] = bool(torch.equal(gemv[0](), want))
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    # cycles per us of torch.cuda._sleep, measured
-    t = graph_time([lambda: torch.cuda._sleep(200000)], reps=10)
+    t = graph_time([lambda: torch.cuda._sleep(200000)], reps=10)  # cycles per us of torch.cuda._sleep
     cyc_per_us = 200000 / (t * 1e3)
     res = {"sleep_cycles_per_us": round(cyc_per_us, 1)}
     for name, (N, K) in SHAPES.items():
-        ws = [mxfp4.quantize(torch.randn(N, K, device="cuda", generator=gen) * 0.02) for _ in range(args.layers)]
-        xp, xs = aq.quantize_activation(outlier_x(1, K, gen), None, aq.MODE_PAIRS)
-        persist = dispatch.gemv_persistent(N)
-        gemv = [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist) for w in ws]
-        want = gemv[0]()
-        rows = {}
-        rows["gemv alone (cold, back to back)"] = graph_time(gemv, reps=20) * 1e3
-        rows["gemv hot (same weight 32x)"] = graph_time([gemv[0]] * args.layers, reps=20) * 1e3
-        for win, mode, frac in [(w, m, f) for w in (4, 15) for m in MODES for f in (0.0, 0.25, 0.5, 1.0)
-                                if m == MODES[0] or f]:
-            cyc = int(win * cyc_per_us)
-
-            def pf(i, frac=frac, mode=mode):
-                if frac:
-                    prefetch(ws[i][0], frac, mode)
-                    prefetch(ws[i][1], frac, mode)
-            base = graph_time([lambda i=i: (pf(i), torch.cuda._sleep(cyc)) for i in range(args.layers)],
-                              reps=20) * 1e3
-            full = graph_time([lambda i=i: (pf(i), torch.cuda._sleep(cyc), gemv[i]()) for i in range(args.layers)],
-                              reps=20) * 1e3
-            rows[f"window {win} us, {mode} prefetch f={frac}: gemv us"] = round(full - base, 2)
-            rows[f"window {win} us, {mode} prefetch f={frac}: prefetch+sleep us"] = round(base, 2)
-        got = [None]
-
-        def check():
-            prefetch(ws[0][0], 1.0)
-            prefetch(ws[0][1], 1.0)
-            got[0] = gemv[0]()
-        check()
-        torch.cuda.synchronize()
-        rows["outputs identical with prefetch"] = bool(torch.equal(got[0], want))
-        res[name] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in rows.items()}
+        res[name] = shape_rows(N, K, args.layers, cyc_per_us, gen)
         print(name, json.dumps(res[name], indent=1), flush=True)
-        del ws, gemv
         torch.cuda.empty_cache()
     write_results(args.out, "l2-prefetch-probe", {"us_per_call": res})
-
 
 if __name__ == "__main__":
     main()

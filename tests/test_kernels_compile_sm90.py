@@ -121,11 +121,10 @@ def test_probe_kernels_compile_to_what_they_measure():
     assert "prefetch.global.L2" in lines
     script = (
         "import sys; sys.path.insert(0, 'benchmarks')\n"
-        "import triton.language as tl, gemv_issue_probe as p\n"
+        "import gemv_issue_probe\n"
         "from sass_counts import WEIGHTS, compile_sm90, loop_body, sass\n"
         "from vllm_brq.kernels import gemm\n"
-        "word = {'e4m3': p.E4M3_WORD, 'floor': p.FLOOR_WORD}.get(sys.argv[1])\n"
-        "if word: gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(word))\n"
+        "gemv_issue_probe.use_decode(sys.argv[1])\n"
         "ck = compile_sm90(gemm._gemv_a4_kernel, dict(WEIGHTS, a_ptr='*i32', as_ptr='*u8', w_ptr='*i32'),\n"
         "                  dict(HAS_BIAS=False, BM=1, BN=4, NBK=32, USE_ASM=True, EVEN_K=True, PDL=False))\n"
         "print(' '.join(loop_body(sass(ck))))\n")
