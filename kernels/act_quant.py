@@ -129,6 +129,35 @@ def _row_scale(erow):
 
 
 @triton.jit
+def _block_codes(y):
+    """Rotated float32 y [NB, BM, 32] -> (block exponents e [NB, BM], E2M1 codes [NB, BM, 32])."""
+    e = _block_exponent(tl.max(tl.abs(y), axis=2))
+    a = y * _pow2(-e)[:, :, None]
+    idx = _e2m1_index(tl.abs(a))
+    return e, idx | ((a < 0) & (idx > 0)).to(tl.int32) << 3
+
+
+@triton.jit
+def _store_scales(s_ptr, e, offs_m, k0, M, K, stride_sm, NB: tl.constexpr):
+    """E8M0 scales of the NB blocks from column k0 of rows offs_m."""
+    scols = k0 // 32 + tl.arange(0, NB)[:, None]
+    tl.store(s_ptr + offs_m[None, :] * stride_sm + scols, (e + 127).to(tl.uint8),
+             mask=(offs_m < M)[None, :] & (scols < K // 32))
+
+
+@triton.jit
+def store_pairs(q_ptr, s_ptr, e, code, offs_m, k0, M, K, stride_qm, stride_sm, NB: tl.constexpr):
+    """MODE_PAIRS output of the NB blocks from column k0 of rows offs_m (codes [NB, BM, 32])."""
+    offs_i = tl.arange(0, 32)
+    cols = k0 + tl.arange(0, NB)[:, None, None] * 32
+    msk = (offs_m < M)[None, :, None] & (cols + offs_i[None, None, :] < K)
+    v = (e2m1_bits(code).to(tl.float32, bitcast=True) * 2.0).to(tl.float16)
+    tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols + pairs_order(offs_i)[None, None, :], v,
+             mask=msk)
+    _store_scales(s_ptr, e, offs_m, k0, M, K, stride_sm, NB)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                       R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, MODE: tl.constexpr,
                       BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr,
@@ -164,25 +193,16 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
         msk = row_ok & (cols < K)
         x = tl.load(x_rows + cols, mask=msk, other=0.0)
         y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
-        e = _block_exponent(tl.max(tl.abs(y), axis=2))  # [NB, BM]
-        a = y * _pow2(-e)[:, :, None]
-        idx = _e2m1_index(tl.abs(a))
-        code = idx | ((a < 0) & (idx > 0)).to(tl.int32) << 3
-        if MODE == 0 or MODE == 3:
-            if MODE == 0:
-                lo, hi = tl.split(tl.reshape(code, [NB, BM, 16, 2]))
-                packed = (lo | (hi << 4)).to(tl.uint8)
-                pcols = k0 // 2 + offs_nb[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]
-                pmsk = row_ok & (pcols < K // 2)
-                tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + pcols, packed, mask=pmsk)
-            else:
-                v = (e2m1_bits(code).to(tl.float32, bitcast=True) * 2.0).to(tl.float16)
-                pos = pairs_order(offs_i)
-                pcols = k0 + offs_nb[:, None, None] * 32 + pos[None, None, :]
-                tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + pcols, v, mask=msk)
-            scols = k0 // 32 + offs_nb[:, None]
-            tl.store(s_ptr + offs_m[None, :] * stride_sm + scols, (e + 127).to(tl.uint8),
-                     mask=(offs_m < M)[None, :] & (scols < K // 32))
+        e, code = _block_codes(y)
+        if MODE == 0:
+            lo, hi = tl.split(tl.reshape(code, [NB, BM, 16, 2]))
+            packed = (lo | (hi << 4)).to(tl.uint8)
+            pcols = k0 // 2 + offs_nb[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]
+            pmsk = row_ok & (pcols < K // 2)
+            tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + pcols, packed, mask=pmsk)
+            _store_scales(s_ptr, e, offs_m, k0, M, K, stride_sm, NB)
+        elif MODE == 3:
+            store_pairs(q_ptr, s_ptr, e, code, offs_m, k0, M, K, stride_qm, stride_sm, NB)
         elif MODE == 1:
             v = e2m1_bits(code).to(tl.float32, bitcast=True) * 0.5
             v = v * _pow2(e + 1)[:, :, None]

@@ -34,7 +34,8 @@ import os
 
 import torch
 
-from vllm_brq.kernels.reference import FP8_RANGE, FP8_TOP, brq_linear_reference, fp8_reencode_reference
+from vllm_brq.kernels.reference import (FP8_RANGE, FP8_TOP, brq_linear_reference, fp8_reencode_reference,
+                                         rms_norm_reference)
 from vllm_brq.rotation import rotate
 
 logger = logging.getLogger(__name__)
@@ -231,6 +232,28 @@ def _rotation(input_rotation, rotation_sign):
     return input_rotation
 
 
+def _w4a4_route(backend: str, M: int, quantize_activations: bool, weight_fp8: torch.Tensor | None) -> str | None:
+    """The two W4A4 routes whose act-quant can also be fused into the RMSNorm before the linear:
+    "pairs" (decode: M = 1, or M <= 4 without the FP8 copy; on the H100 cuBLAS FP8 beat the FMA
+    gemv at M = 2..4), "fp8" (prefill with the FP8 copy, except sm100's native path), else None."""
+    from vllm_brq.kernels import gemm
+
+    if not quantize_activations:
+        return None
+    if M == 1 or (M <= gemm.GEMV_MAX_M and weight_fp8 is None):
+        return "pairs" if gemv_a4_enabled() else None
+    if weight_fp8 is not None and not (backend == "sm100" and M > SMALL_M):
+        return "fp8"
+    return None
+
+
+def _gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype, level: int) -> torch.Tensor:
+    from vllm_brq.kernels import gemm
+
+    return gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=out_dtype, pdl=level >= 1,
+                        persistent=gemv_persistent(weight_packed.shape[0]))
+
+
 def brq_linear(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -261,7 +284,17 @@ def brq_linear(
         x2 = rotate(x2, input_rotation)
         input_rotation = None
     rot = _rotation(input_rotation, rotation_sign)
-    if not quantize_activations:
+    route = _w4a4_route(backend, M, quantize_activations, weight_fp8)
+    if route == "pairs":
+        # MXFP4 activation as fp16 pairs + the fp16 block-sum gemv
+        level = pdl_level() if backend != "sm80" else 0
+        xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=level >= 1, pdl=level == 2)
+        y = _gemv_a4(xp, xs, weight_packed, weight_scale, bias, x.dtype, level)
+    elif route == "fp8":
+        # one-pass row act-quant (K <= ROW_KERNEL_MAX_K, no per-block R), else two-phase (act_quant.default_fp8_impl)
+        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True, rounding=act_rounding())
+        y = scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, x.dtype)
+    elif not quantize_activations:
         if input_rotation is not None:
             x2 = rotate(x2, input_rotation)
         if M <= gemm.GEMV_MAX_M:
@@ -270,25 +303,12 @@ def brq_linear(
             y = torch.nn.functional.linear(x2, gemm.dequantize(weight_packed, weight_scale, x2.dtype), bias)
         else:
             y = gemm.w4a16(x2, weight_packed, weight_scale, bias)
-    elif M == 1 or (M <= gemm.GEMV_MAX_M and weight_fp8 is None):
-        # M = 2..4 with the FP8 copy: cuBLAS FP8 below measured faster than the FMA gemv (H100).
-        # MXFP4 activation as fp16 pairs + the fp16 block-sum gemv (BRQ_GEMV_A4=0: fake-quant bf16 + gemv)
-        if gemv_a4_enabled():
-            level = pdl_level() if backend != "sm80" else 0
-            pdl = level >= 1
-            xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=pdl, pdl=level == 2)
-            y = gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype, pdl=pdl,
-                             persistent=gemv_persistent(weight_packed.shape[0]))
-        else:
-            xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
-            y = gemm.gemv(xq, weight_packed, weight_scale, bias)
+    elif M <= gemm.GEMV_MAX_M and (M == 1 or weight_fp8 is None):  # BRQ_GEMV_A4=0
+        xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
+        y = gemm.gemv(xq, weight_packed, weight_scale, bias)
     elif backend == "sm100" and M > SMALL_M:
         xp, xs = aq.quantize_activation(x2, rot, aq.MODE_MXFP4)
         y = gemm.w4a4_dot_scaled(xp, xs, weight_packed, weight_scale, bias, out_dtype=x.dtype)
-    elif weight_fp8 is not None:
-        # one-pass row act-quant (K <= ROW_KERNEL_MAX_K, no per-block R), else two-phase (act_quant.default_fp8_impl)
-        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True, rounding=act_rounding())
-        y = scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, x.dtype)
     elif M <= SMALL_M or backend == "sm80":
         xq = aq.quantize_activation(x2, rot, aq.MODE_DEQUANT)
         y = gemm.w4a16(xq, weight_packed, weight_scale, bias)
@@ -296,3 +316,52 @@ def brq_linear(
         xf, xe = aq.quantize_activation(x2, rot, aq.MODE_FP8)
         y = gemm.w4a4_fp8(xf, xe, weight_packed, weight_scale, bias, out_dtype=x.dtype)
     return y.reshape(*lead, -1)
+
+
+def brq_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_rotation: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    quantize_activations: bool,
+    weight_fp8: torch.Tensor | None = None,
+    weight_fp8_scale: torch.Tensor | None = None,
+    rotation_sign: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(brq_linear(RMSNorm(x + residual)), x + residual): vLLM's (fused-add) RMSNorm followed by the
+    linear (vllm_brq/fusion.py builds this from the model's graph). Where the linear takes the
+    "pairs" or "fp8" route, one kernel normalizes and quantizes (kernels/norm_quant.py: the
+    normalized activation never goes to memory in bf16); elsewhere the norm runs in torch
+    (rms_norm_reference) and then brq_linear, with the same result."""
+    backend = _triton_backend(x.device.index or 0) if x.is_cuda else None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    route = None
+    if backend is not None and x.dtype in (torch.bfloat16, torch.float16) and input_rotation is None:
+        route = _w4a4_route(backend, M, quantize_activations, weight_fp8)
+    if route is not None:
+        from vllm_brq.kernels import act_quant as aq
+        from vllm_brq.kernels import norm_quant as nq
+
+        if route == "fp8" and K > aq.ROW_KERNEL_MAX_K:  # whole rows in registers
+            route = None
+    if route is None:
+        normed, residual_out = rms_norm_reference(x, residual, norm_weight, eps)
+        y = brq_linear(normed, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
+                       weight_fp8, weight_fp8_scale, rotation_sign)
+        return y, residual_out
+    r2 = residual.reshape(-1, K) if residual is not None else None
+    if route == "pairs":
+        level = pdl_level() if backend != "sm80" else 0
+        xp, xs, residual_out = nq.rms_norm_quantize(x2, r2, norm_weight, eps, aq.MODE_PAIRS,
+                                                    launch_dependents=level >= 1, pdl=level == 2)
+        y = _gemv_a4(xp, xs, weight_packed, weight_scale, bias, x.dtype, level)
+    else:
+        xf, _, xsc, residual_out = nq.rms_norm_quantize(x2, r2, norm_weight, eps, aq.MODE_FP8, rounding=act_rounding())
+        y = scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, x.dtype)
+    return y.reshape(*lead, -1), (residual_out.reshape(x.shape) if residual_out is not None else None)

@@ -23,6 +23,18 @@ def activation_reference(x: torch.Tensor, input_rotation: torch.Tensor | None,
     return mxfp4.fake_quantize(xf) if quantize_activations else xf
 
 
+def rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """vLLM's (fused-add) RMSNorm as its IR ops define it (vllm.ir.ops.layernorm), the input of a
+    norm-fused BRQ linear: h = x (+ residual) in float32; residual_out = h in x's dtype;
+    normed = (h * rsqrt(mean(h^2) + eps)) rounded to weight's dtype, times weight, in x's dtype."""
+    h = x.float()
+    if residual is not None:
+        h = h + residual.float()
+    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype) * weight
+    return normed.to(x.dtype), (h.to(x.dtype) if residual is not None else None)
+
+
 def quantize_activation_reference(x: torch.Tensor, input_rotation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (packed codes [M, K/2], E8M0 scales [M, K/32]) after the optional rotation."""
     return mxfp4.quantize(activation_reference(x, input_rotation, quantize_activations=False))

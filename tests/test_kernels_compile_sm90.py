@@ -23,6 +23,7 @@ from sass_counts import ACT, WEIGHTS as W, compile_sm90 as _compile, jit_of as _
 
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
 from vllm_brq.kernels import gemm  # noqa: E402
+from vllm_brq.kernels import norm_quant as nq  # noqa: E402
 
 
 def _each_config(kernel, ptrs, variants):
@@ -63,6 +64,15 @@ ACT_CASES = {
                                                  (True, True, True))
                            for rnd in ("fast", "bits")]),
 }
+NORM = {"x_ptr": "*bf16", "r_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*bf16", "eps": "fp32"}
+ACT_CASES.update({
+    "norm_fp8_row": (nq._norm_fp8_row_kernel, dict(NORM, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
+                     [dict(HAS_RES=res, BM=bm, NBP=nbp, ROUND="bits", num_warps=w)
+                      for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for res in (False, True)]),
+    "norm_pairs": (nq._norm_pairs_kernel, dict(NORM, q_ptr="*fp16", s_ptr="*u8"),
+                   [dict(HAS_RES=res, BM=1, NB=16, LAUNCH_DEPENDENTS=res, WAIT_PRIMARY=res) for res in (False, True)]
+                   + [dict(HAS_RES=True, BM=16, NB=4, LAUNCH_DEPENDENTS=False)]),
+})
 
 
 @pytest.mark.parametrize("name", sorted(GEMM_CASES) + sorted(ACT_CASES))

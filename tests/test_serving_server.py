@@ -28,7 +28,8 @@ def checkpoint(tmp_path_factory, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    srv = vh.Server(checkpoint, "--quantization", "brq", "--served-model-name", "tiny-brq")
+    srv = vh.Server(checkpoint, "--quantization", "brq", "--served-model-name", "tiny-brq",
+                    "--compilation-config", '{"mode": 2, "ir_enable_torch_wrap": true}')
     yield srv
     assert srv.stop() in (0, -2), srv.log_tail()  # clean exit on SIGINT
 

@@ -10,6 +10,11 @@ Ops:
   y = Q(x R) W^T + b with an MXFP4 weight (calls ``kernels.dispatch.brq_linear``); the
   optional ``weight_fp8, weight_fp8_scale, rotation_sign`` come from
   ``dispatch.prepare_extras`` at load time (CUDA fast paths; absent on CPU).
+- ``brq::rms_norm_mxfp4_linear(x, residual?, norm_weight, eps, <mxfp4_linear's weights>)``:
+  (mxfp4_linear(RMSNorm(x + residual)), x + residual): vLLM's (fused-add) RMSNorm and the
+  linear after it as one op, which vllm_brq/fusion.py puts in place of the pair in the
+  compiled graph (calls ``kernels.dispatch.brq_norm_linear``). Without a residual the
+  second output is empty.
 - ``brq::rotated_linear(x, weight, input_rotation?, bias?, quantize_activations)``:
   the same with a dense weight, for ``--quantizer none`` checkpoints (rotated weights in
   the source dtype).
@@ -35,6 +40,11 @@ _LIB.define(
     "Tensor? rotation_sign=None) -> Tensor"
 )
 _LIB.define(
+    "rms_norm_mxfp4_linear(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight_packed, "
+    "Tensor weight_scale, Tensor? input_rotation, Tensor? bias, bool quantize_activations, Tensor? weight_fp8=None, "
+    "Tensor? weight_fp8_scale=None, Tensor? rotation_sign=None) -> (Tensor, Tensor)"
+)
+_LIB.define(
     "rotated_linear(Tensor x, Tensor weight, Tensor? input_rotation, Tensor? bias, "
     "bool quantize_activations) -> Tensor"
 )
@@ -44,6 +54,11 @@ def _mxfp4_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize
                   weight_fp8=None, weight_fp8_scale=None, rotation_sign=None):
     return dispatch.brq_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
                                weight_fp8, weight_fp8_scale, rotation_sign)
+
+
+def _rms_norm_mxfp4_linear(x, residual, norm_weight, eps, *linear):
+    y, residual_out = dispatch.brq_norm_linear(x, residual, norm_weight, eps, *linear)
+    return y, (residual_out if residual_out is not None else x.new_empty(0))
 
 
 def _rotated_linear(x, weight, input_rotation, bias, quantize_activations):
@@ -56,12 +71,20 @@ def _linear_fake(x, weight, *_args):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _rms_norm_linear_fake(x, residual, norm_weight, eps, weight, *_args):
+    """[..., N] and the residual's shape (empty without a residual), in x's dtype."""
+    return _linear_fake(x, weight), x.new_empty(x.shape if residual is not None else (0,))
+
+
 # CompositeExplicitAutograd: one implementation for every device; the dispatch inside
 # chooses the backend. Inference only, so no autograd formula is registered.
 _LIB.impl("mxfp4_linear", _mxfp4_linear, "CompositeExplicitAutograd")
+_LIB.impl("rms_norm_mxfp4_linear", _rms_norm_mxfp4_linear, "CompositeExplicitAutograd")
 _LIB.impl("rotated_linear", _rotated_linear, "CompositeExplicitAutograd")
 torch.library.register_fake("brq::mxfp4_linear", _linear_fake, lib=_LIB)
+torch.library.register_fake("brq::rms_norm_mxfp4_linear", _rms_norm_linear_fake, lib=_LIB)
 torch.library.register_fake("brq::rotated_linear", _linear_fake, lib=_LIB)
 
 mxfp4_linear = torch.ops.brq.mxfp4_linear
+rms_norm_mxfp4_linear = torch.ops.brq.rms_norm_mxfp4_linear
 rotated_linear = torch.ops.brq.rotated_linear

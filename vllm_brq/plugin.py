@@ -25,5 +25,18 @@ def register() -> None:
     from vllm_brq.vllm_method import BRQQuantConfig
 
     register_quantization_config(fmt.QUANT_METHOD)(BRQQuantConfig)
+    _log_like_vllm()
     _registered = True
     logger.debug("registered vLLM quantization method %r", fmt.QUANT_METHOD)
+
+
+def _log_like_vllm() -> None:
+    """The plugin's loggers (``vllm_brq.*``) write through vLLM's handlers at vLLM's level, so its
+    INFO lines (FP8 weight copies, the norm fusion) appear in the server log in vLLM's format."""
+    ours, theirs = logging.getLogger("vllm_brq"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False

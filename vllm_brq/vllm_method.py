@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch.nn import Parameter
+from vllm.config import get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     LinearBase,
@@ -38,7 +39,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_brq import format as fmt
-from vllm_brq import ops
+from vllm_brq import fusion, ops
 from vllm_brq.kernels import dispatch
 
 logger = init_logger(__name__)
@@ -130,6 +131,9 @@ class BRQQuantConfig(QuantizationConfig):
         if self.is_ignored(prefix):
             return UnquantizedLinearMethod()
         if self.brq.weights_quantized:
+            # before vLLM builds its compile backend (after the model's layers): the pass that
+            # fuses each RMSNorm into the brq linear after it (vllm_brq/fusion.py)
+            fusion.install(get_current_vllm_config_or_none())
             return BRQLinearMethod(self, prefix)
         return BRQDenseLinearMethod(self, prefix)
 

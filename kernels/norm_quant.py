@@ -1,0 +1,134 @@
+"""RMSNorm (after the residual add, optionally) fused with the activation quantization.
+
+The input of a norm-fused BRQ linear (vllm_brq/fusion.py rewrites vLLM's graph so that
+"(add +) RMSNorm -> brq linear" becomes one op): the normalized activation goes from
+registers straight to the GEMM's operand, so it is never written in bf16 and read back,
+and one kernel launch per linear goes away.
+Reference: kernels/reference.py `rms_norm_reference` (vLLM's IR definition), then the
+act-quant references. Two outputs, as act_quant.py's modes of the same name:
+
+- MODE_FP8 (prefill, sm90): one program holds BM whole rows, so x (and the residual) are
+  read once: sum, the row's mean square, the norm, the row exponent, the e4m3 operand.
+- MODE_PAIRS (decode): a 2D grid (rows x chunks of NB blocks) as the plain act-quant; each
+  program first sums the squares of its whole rows (from L2 after the first program), then
+  normalizes and quantizes its chunk, and writes that chunk of the residual.
+
+The norm's float32 sum runs in another order than torch's mean, so the normalized value
+can differ from the reference by one bf16 ulp (and then a code by one step) where the
+reciprocal root lands on a rounding boundary; the quantization after it is act_quant's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from vllm_brq.kernels.act_quant import (MODE_FP8, MODE_PAIRS, _block_codes, _fp8_row_tile, _interpreting,
+                                        _pdl_launch, store_pairs)
+
+
+@triton.jit
+def _load_sum(x_ptr, r_ptr, o_ptr, offs_m, k0, M, K, stride_xm, stride_rm, stride_om,
+              NB: tl.constexpr, HAS_RES: tl.constexpr, STORE_RES: tl.constexpr):
+    """h = x (+ residual) in float32 [NB, BM, 32], the NB blocks from column k0 of rows offs_m;
+    STORE_RES writes h in x's dtype to o (the residual stream's next value)."""
+    cols = k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+    msk = (offs_m < M)[None, :, None] & (cols < K)
+    rows = offs_m.to(tl.int64)[None, :, None]
+    x = tl.load(x_ptr + rows * stride_xm + cols, mask=msk, other=0.0)
+    h = x.to(tl.float32)
+    if HAS_RES:
+        h = h + tl.load(r_ptr + rows * stride_rm + cols, mask=msk, other=0.0).to(tl.float32)
+        if STORE_RES:
+            tl.store(o_ptr + rows * stride_om + cols, h.to(x.dtype), mask=msk)
+    return h
+
+
+@triton.jit
+def _sum_squares(h):
+    return tl.sum(tl.sum(h * h, axis=2), axis=0)
+
+
+@triton.jit
+def _normalize(h, ss, w_ptr, k0, K, eps, NB: tl.constexpr):
+    """(h * rsqrt(ss / K + eps)) rounded to the weight's dtype, times the weight (one rounding:
+    the product of two 16-bit floats is exact in float32), as float32 [NB, BM, 32]."""
+    inv = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
+    cols = k0 + tl.arange(0, NB)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)
+    n = (h * inv[None, :, None]).to(w.dtype).to(tl.float32)
+    return (n * w.to(tl.float32)[:, None, :]).to(w.dtype).to(tl.float32)
+
+
+@triton.jit
+def _norm_fp8_row_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_rm, stride_om,
+                         stride_qm, eps, HAS_RES: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
+                         ROUND: tl.constexpr):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    h = _load_sum(x_ptr, r_ptr, o_ptr, offs_m, 0, M, K, stride_xm, stride_rm, stride_om, NBP, HAS_RES, True)
+    n = _normalize(h, _sum_squares(h), w_ptr, 0, K, eps, NBP).to(x_ptr.dtype.element_ty)
+    _fp8_row_tile(n, x_ptr, x_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm, False, False, BM, NBP, "ieee",
+                  ROUND)
+
+
+@triton.jit
+def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_rm, stride_om, stride_qm,
+                       stride_sm, eps, HAS_RES: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+                       LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False):
+    if LAUNCH_DEPENDENTS:  # the PDL-launched gemv after this may start streaming its weights now
+        gdc_launch_dependents()
+    if WAIT_PRIMARY:  # launched as a programmatic dependent: x is complete only after the wait
+        gdc_wait()
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    ss = tl.zeros([BM], dtype=tl.float32)
+    for k in range(0, K, NB * 32):
+        ss += _sum_squares(_load_sum(x_ptr, r_ptr, o_ptr, offs_m, k, M, K, stride_xm, stride_rm, stride_om,
+                                     NB, HAS_RES, False))
+    k0 = tl.program_id(1) * NB * 32
+    h = _load_sum(x_ptr, r_ptr, o_ptr, offs_m, k0, M, K, stride_xm, stride_rm, stride_om, NB, HAS_RES, True)
+    e, code = _block_codes(_normalize(h, ss, w_ptr, k0, K, eps, NB))
+    store_pairs(q_ptr, s_ptr, e, code, offs_m, k0, M, K, stride_qm, stride_sm, NB)
+
+
+def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, mode: int,
+                      rounding: str = "bits", launch_dependents: bool = False, pdl: bool = False):
+    """x [M, K] (+ residual [M, K]) -> RMSNorm with `weight` [K] -> MXFP4 as act_quant's `mode`:
+    MODE_FP8: (e4m3 [M, K], row exponents int32 [M], float32 row scales [M, 1], residual_out);
+    MODE_PAIRS: (float16 [M, K] in pairs_order, E8M0 scales uint8 [M, K/32], residual_out).
+    residual_out = x + residual in x's dtype (None without a residual). launch_dependents /
+    pdl (MODE_PAIRS) as act_quant.quantize_activation's."""
+    M, K = x.shape
+    if K % 32:
+        raise ValueError(f"activation quantization needs K % 32 == 0, got {K}")
+    if weight.shape != (K,) or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"rms_norm_quantize: x {tuple(x.shape)}, residual "
+                         f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    res = None if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous())
+    out = None if res is None else torch.empty_like(x)
+    weight = weight.contiguous()
+    r_args = (res if res is not None else x, out if out is not None else x)
+    r_strides = (res.stride(0) if res is not None else 0, out.stride(0) if out is not None else 0)
+    if mode == MODE_FP8:
+        nbp = triton.next_power_of_2(K // 32)
+        q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+        e = torch.empty(M, dtype=torch.int32, device=x.device)
+        sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+        bm = max(1 if nbp >= 256 else 2, 16 // nbp)  # as act_quant's one-pass row kernel
+        _norm_fp8_row_kernel[(triton.cdiv(M, bm),)](
+            x, *r_args, weight, q, e, sc, M, K, x.stride(0), *r_strides, q.stride(0), eps,
+            HAS_RES=res is not None, BM=bm, NBP=nbp, ROUND=rounding, num_warps=8 if nbp >= 256 else 4)
+        return q, e, sc, out
+    if mode != MODE_PAIRS:
+        raise ValueError(f"rms_norm_quantize takes MODE_FP8 or MODE_PAIRS, got {mode}")
+    q = torch.empty(M, K, dtype=torch.float16, device=x.device)
+    s = torch.empty(M, K // 32, dtype=torch.uint8, device=x.device)
+    bm = 16 if M > 16 else triton.next_power_of_2(M)
+    nb = max(4, 16 // bm)
+    _norm_pairs_kernel[(triton.cdiv(M, bm), triton.cdiv(K, nb * 32))](
+        x, *r_args, weight, q, s, M, K, x.stride(0), *r_strides, q.stride(0), s.stride(0), eps,
+        HAS_RES=res is not None, BM=bm, NB=nb, LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
+        num_warps=4, **_pdl_launch(pdl and not _interpreting()))
+    return q, s, out
