@@ -218,7 +218,7 @@ def prepare_extras(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
         extras["weight_fp8_scale"] = scale
         blocks = weight_scale.numel()
         msg = f"vllm-brq: FP8 weight copy{' of ' + name if name else ''}: {flushed} of {blocks} blocks flushed"
-        (logger.warning if flushed else logger.info)(msg)
+        (logger.warning if flushed else logger.debug)(msg)
     return extras
 
 

@@ -10,8 +10,9 @@ act-quant references. Two outputs, as act_quant.py's modes of the same name:
 - MODE_FP8 (prefill, sm90): one program holds BM whole rows, so x (and the residual) are
   read once: sum, the row's mean square, the norm, the row exponent, the e4m3 operand.
 - MODE_PAIRS (decode): a 2D grid (rows x chunks of NB blocks) as the plain act-quant; each
-  program first sums the squares of its whole rows (from L2 after the first program), then
-  normalizes and quantizes its chunk, and writes that chunk of the residual.
+  program first sums the squares of its whole rows (one load of up to SUM_NB blocks per row:
+  the loads of a loop run one after the other, a round trip each), then normalizes and
+  quantizes its chunk, and writes that chunk of the residual.
 
 The norm's float32 sum runs in another order than torch's mean, so the normalized value
 can differ from the reference by one bf16 ulp (and then a code by one step) where the
@@ -76,16 +77,16 @@ def _norm_fp8_row_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, e_ptr, sc_ptr, M, K,
 @triton.jit
 def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_rm, stride_om, stride_qm,
                        stride_sm, eps, HAS_RES: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                       LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False):
+                       SUM_NB: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False):
     if LAUNCH_DEPENDENTS:  # the PDL-launched gemv after this may start streaming its weights now
         gdc_launch_dependents()
     if WAIT_PRIMARY:  # launched as a programmatic dependent: x is complete only after the wait
         gdc_wait()
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     ss = tl.zeros([BM], dtype=tl.float32)
-    for k in range(0, K, NB * 32):
+    for k in range(0, K, SUM_NB * 32):  # one load for rows up to SUM_NB blocks (a loop's loads do not overlap)
         ss += _sum_squares(_load_sum(x_ptr, r_ptr, o_ptr, offs_m, k, M, K, stride_xm, stride_rm, stride_om,
-                                     NB, HAS_RES, False))
+                                     SUM_NB, HAS_RES, False))
     k0 = tl.program_id(1) * NB * 32
     h = _load_sum(x_ptr, r_ptr, o_ptr, offs_m, k0, M, K, stride_xm, stride_rm, stride_om, NB, HAS_RES, True)
     e, code = _block_codes(_normalize(h, ss, w_ptr, k0, K, eps, NB))
@@ -129,6 +130,7 @@ def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     nb = max(4, 16 // bm)
     _norm_pairs_kernel[(triton.cdiv(M, bm), triton.cdiv(K, nb * 32))](
         x, *r_args, weight, q, s, M, K, x.stride(0), *r_strides, q.stride(0), s.stride(0), eps,
-        HAS_RES=res is not None, BM=bm, NB=nb, LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
+        HAS_RES=res is not None, BM=bm, NB=nb, SUM_NB=min(triton.next_power_of_2(K // 32), 256 // bm),
+        LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
         num_warps=4, **_pdl_launch(pdl and not _interpreting()))
     return q, s, out

@@ -7,7 +7,7 @@ import torch
 from torch.library import opcheck
 
 from vllm_brq import mxfp4, ops
-from vllm_brq.kernels.reference import brq_linear_reference
+from vllm_brq.kernels.reference import brq_linear_reference, rms_norm_reference
 from vllm_brq.rotation import block_rotation, rotate
 
 K, N = 128, 48
@@ -49,10 +49,43 @@ def test_rotated_linear(weights, quantize_activations):
     torch.testing.assert_close(ops.rotated_linear(x, w, None, None, False), x @ w.t())
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_mxfp4_linear_is_norm_then_linear(weights, with_residual, dtype):
+    """The norm-fused op (what vllm_brq/fusion.py puts in the graph) = vLLM's IR RMSNorm
+    (rms_norm_reference) followed by the reference linear, residual stream included."""
+    _, packed, scale, bias, x = weights
+    g = torch.Generator().manual_seed(1)
+    x = (x * 3).to(dtype)
+    res = torch.randn(x.shape, generator=g).to(dtype) if with_residual else None
+    nw = (torch.rand(K, generator=g) + 0.5).to(dtype)
+    normed, res_out = rms_norm_reference(x, res, nw, 1e-5)
+    y, r = ops.rms_norm_mxfp4_linear(x, res, nw, 1e-5, packed, scale, None, bias, True)
+    torch.testing.assert_close(y, brq_linear_reference(normed, packed, scale, None, bias, True), rtol=0, atol=0)
+    if with_residual:
+        torch.testing.assert_close(r, (x.float() + res.float()).to(dtype), rtol=0, atol=0)
+    else:
+        assert r.numel() == 0
+
+
+def test_rms_norm_reference_rounds_as_vllm_ir():
+    """The IR op rounds twice (the normalized value to the weight's dtype, then the product)."""
+    x = torch.tensor([[1.0, 3.0, -2.0, 7.0]], dtype=torch.bfloat16)
+    w = torch.tensor([1.5, 0.75, 3.0, 1.0], dtype=torch.bfloat16)
+    h = x.float()
+    want = ((h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * w).bfloat16()
+    assert torch.equal(rms_norm_reference(x, None, w, 1e-6)[0], want)
+
+
 def test_opcheck(weights):
     """Schema and fake (meta) implementation agree with the real op."""
     w, packed, scale, bias, x = weights
+    nw = torch.rand(K) + 0.5
     for op, args in ((torch.ops.brq.mxfp4_linear.default, (x, packed, scale, ROTATIONS["shared"], bias, True)),
+                     (torch.ops.brq.rms_norm_mxfp4_linear.default, (x, x * 2, nw, 1e-5, packed, scale, None, bias,
+                                                                     True)),
+                     (torch.ops.brq.rms_norm_mxfp4_linear.default, (x, None, nw, 1e-5, packed, scale, None, None,
+                                                                     True)),
                      (torch.ops.brq.rotated_linear.default, (x, w, None, bias, False))):
         opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 

