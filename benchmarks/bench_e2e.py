@@ -197,15 +197,19 @@ def main(argv=None) -> None:
 
 
 def markdown(result: dict) -> str:
-    """The README table: latency, throughput and their ratios to bf16 and FP8."""
+    """The README table: latency, throughput and their ratios to bf16 and FP8 (and the machine lease
+    of each row when the rows carry one: rows merged from several leases say so)."""
     by = {r["mode"]: r for r in result["rows"]}
-    lines = ["| mode | batch-1 latency (s) | vs bf16 | vs fp8 | throughput (tok/s) | vs bf16 | vs fp8 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    leases = any("lease" in r for r in result["rows"])
+    lines = ["| mode | batch-1 latency (s) | vs bf16 | vs fp8 | throughput (tok/s) | vs bf16 | vs fp8 |"
+             + (" lease |" if leases else ""),
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if leases else "")]
     for r in result["rows"]:
         cells = [r["mode"], f"{r['latency_s']:.3f}"]
         cells += [f"{by[b]['latency_s'] / r['latency_s']:.2f}x" if b in by else "-" for b in ("bf16", "fp8")]
         cells.append(f"{r['throughput_tok_s']:,.0f}")
         cells += [f"{r['throughput_tok_s'] / by[b]['throughput_tok_s']:.2f}x" if b in by else "-" for b in ("bf16", "fp8")]
+        cells += [r.get("lease", "-")] if leases else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

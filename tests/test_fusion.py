@@ -33,7 +33,7 @@ def _inputs():
             torch.randn(N, generator=g)]
 
 
-def _graph(kind: str, normed_used_twice=False, residual_used_early=False) -> fx.GraphModule:
+def _graph(kind: str, normed_used_twice=False, residual_used_early=False, w4a16=False) -> fx.GraphModule:
     g = fx.Graph()
     x, res, nw, wp, ws, b = (g.placeholder(n) for n in ("x", "res", "nw", "wp", "ws", "b"))
     if kind == "rms_norm":
@@ -46,7 +46,7 @@ def _graph(kind: str, normed_used_twice=False, residual_used_early=False) -> fx.
                                 dict(x=x, x_residual=res, weight=nw, epsilon=1e-5, variance_size=None))
         normed, r = g.call_function(operator.getitem, (n, 0)), g.call_function(operator.getitem, (n, 1))
     early = g.call_function(torch.ops.aten.mul.Tensor, (r, 2.0)) if residual_used_early else None
-    y = g.call_function(ops.mxfp4_linear.default, (normed, wp, ws, None, b, True))
+    y = g.call_function(ops.mxfp4_linear.default, (normed, wp, ws, None, b, not w4a16))
     outs = [g.call_function(torch.ops.aten.mul.Tensor, (y, 0.5)), g.call_function(torch.ops.aten.add.Tensor, (r, 1.0))]
     outs += [normed] if normed_used_twice else []
     outs += [early] if early is not None else []
@@ -76,7 +76,7 @@ def test_pass_fuses_and_keeps_the_numbers(kind):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["normed_used_twice", "residual_used_early"])
+@pytest.mark.parametrize("case", ["normed_used_twice", "residual_used_early", "w4a16"])
 def test_pass_leaves_other_graphs_alone(case):
     gm = _graph("fused_add", **{case: True})
     before = _targets(gm)

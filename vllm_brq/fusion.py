@@ -6,9 +6,9 @@ graph. There, a decoder layer's norms are vLLM IR ops (``vllm_ir.rms_norm``,
 ``brq.mxfp4_linear``. This pass replaces each such pair by ``brq.rms_norm_mxfp4_linear``,
 whose GPU path normalizes and quantizes in one kernel (kernels/norm_quant.py): the
 normalized activation is not written in bf16 and read back by a separate act-quant, and a
-kernel launch per linear goes away. Other graphs are left alone (the norm's output has
-another user, a norm without weight or with a variance size, a linear whose input is not a
-norm). Off with BRQ_FUSE_NORM=0.
+kernel launch per linear goes away. Other graphs are left alone (W4A16 linears, the norm's
+output has another user, a norm without weight or with a variance size, a linear whose input
+is not a norm). Off with BRQ_FUSE_NORM=0.
 
 The pass is handed to vLLM through its documented hook, ``compilation_config.
 inductor_compile_config["post_grad_custom_post_pass"]`` (vLLM's pass manager runs it after
@@ -120,6 +120,8 @@ def fuse_norm_linear(graph: fx.Graph) -> int:
         if linear.op != "call_function" or linear.target is not ops.mxfp4_linear.default:
             continue
         lin = _arguments(linear)
+        if lin["quantize_activations"] is not True:  # W4A16: no act-quant to fuse into; Inductor's norm stays
+            continue
         found = _norm_before(lin["x"], rms_norm, fused_add_rms_norm)
         if found is None:
             continue

@@ -1,6 +1,6 @@
 """The RMSNorm -> linear segment with and without the norm fused into the act-quant (GPU).
 
-    python benchmarks/bench_norm_fusion.py [--out DIR]
+    python benchmarks/bench_norm_quant.py [--out DIR]
 
 vLLM runs each decoder layer's q/k/v and gate/up linears right after an (add +) RMSNorm;
 vllm_brq/fusion.py turns the pair into `dispatch.brq_norm_linear`, whose norm and
@@ -17,7 +17,7 @@ operand and decode operand against the norm reference followed by the plain act-
 (counts of differing elements), and per row the fused segment's output against the reference
 norm + dispatch.brq_linear. Per row also the pieces alone: the compiled norm, the act-quant,
 the fused norm + act-quant kernel.
-Writes norm-fusion-<gpu>.json.
+Writes norm-quant-<gpu>.json.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main() -> None:
             result["rows"].append(row)
             del layers
             torch.cuda.empty_cache()
-            write_results(args.out, "norm-fusion", result)
+            write_results(args.out, "norm-quant", result)
 
 
 if __name__ == "__main__":
