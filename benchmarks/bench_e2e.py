@@ -48,8 +48,8 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
                         {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"}),
     "brq-w4a4-torchmm": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "torch"}),
     "brq-w4a4-pdl1": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),  # rounds 6-7
-    # round 10: each RMSNorm and the brq linear after it kept apart (vllm_brq/fusion.py off), as through round 9
-    "brq-w4a4-unfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE_NORM": "0"}),
+    # round 10: the RMSNorms and SiLU-muls kept apart from the brq linears after them (vllm_brq/fusion.py off)
+    "brq-w4a4-unfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "0"}),
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")

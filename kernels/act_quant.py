@@ -161,7 +161,7 @@ def store_pairs(q_ptr, s_ptr, e, code, offs_m, k0, M, K, stride_qm, stride_sm, N
 def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                       R_BSTRIDE: tl.constexpr, HAS_R: tl.constexpr, MODE: tl.constexpr,
                       BM: tl.constexpr, NB: tl.constexpr, ROT_PRECISION: tl.constexpr, SIGN: tl.constexpr,
-                      LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False):
+                      LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False, SILU: tl.constexpr = False):
     if LAUNCH_DEPENDENTS:  # a PDL-launched GEMV after this may start streaming its weights now
         gdc_launch_dependents()
     if WAIT_PRIMARY:  # launched as a programmatic dependent: x is complete only after the wait
@@ -183,7 +183,7 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
         for k0 in range(0, K, NB * 32):
             cols = k0 + offs_nb[:, None, None] * 32 + offs_i[None, None, :]
             msk = row_ok & (cols < K)
-            x = tl.load(x_rows + cols, mask=msk, other=0.0)
+            x = _load_x(x_rows + cols, msk, K, SILU)
             y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
             rowmax = tl.maximum(rowmax, tl.max(tl.max(tl.abs(y), axis=2), axis=0))
         erow = _block_exponent(rowmax)
@@ -191,7 +191,7 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
     for k0 in range(k_lo, k_hi, NB * 32):
         cols = k0 + offs_nb[:, None, None] * 32 + offs_i[None, None, :]
         msk = row_ok & (cols < K)
-        x = tl.load(x_rows + cols, mask=msk, other=0.0)
+        x = _load_x(x_rows + cols, msk, K, SILU)
         y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
         e, code = _block_codes(y)
         if MODE == 0:
@@ -238,19 +238,38 @@ def _fwht32(x, rs_ptr, NB: tl.constexpr, BM: tl.constexpr, PLAIN: tl.constexpr =
 
 
 @triton.jit
-def _load_rows(rows, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr):
+def silu_mul(g, u):
+    """vLLM's SiluAndMul as eager torch computes it in 16 bits: silu(g) in float32 rounded to g's
+    dtype, times u, rounded (kernels/reference.py silu_mul_reference)."""
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
+def _load_x(p, msk, K, SILU: tl.constexpr):
+    """x at p; SILU: p points into gate_up rows [gate | up] of 2K, x = silu_mul(gate, up)."""
+    x = tl.load(p, mask=msk, other=0.0)
+    if SILU:
+        x = silu_mul(x, tl.load(p + K, mask=msk, other=0.0))
+    return x
+
+
+@triton.jit
+def _load_rows(rows, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr, SILU: tl.constexpr = False):
     """x [NB, BM, 32] of the rows at `rows` ([1, BM, 1] pointers), 0 past K and where not row_ok.
     BLOCKS: each 32-block whole in one thread (four 16-byte loads whose lanes walk the blocks,
-    joined in registers), so `_fwht32` and the block amax never leave the thread."""
+    joined in registers), so `_fwht32` and the block amax never leave the thread.
+    SILU: x = silu_mul(gate, up) of gate_up rows (`_load_x`)."""
     if BLOCKS:
         p = rows + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, None, :]
         ok = row_ok & (tl.arange(0, NB) * 32 < K)[:, None, None]
-        x = tl.join(tl.join(tl.load(p, mask=ok, other=0.0), tl.load(p + 8, mask=ok, other=0.0)),
-                    tl.join(tl.load(p + 16, mask=ok, other=0.0), tl.load(p + 24, mask=ok, other=0.0)))
+        x = tl.join(tl.join(_load_x(p, ok, K, SILU), _load_x(p + 8, ok, K, SILU)),
+                    tl.join(_load_x(p + 16, ok, K, SILU), _load_x(p + 24, ok, K, SILU)))
         x = tl.reshape(tl.permute(x, (0, 1, 4, 3, 2)), [NB, BM, 32])  # [.., k, a|b, ab|cd] -> 16 ab|cd + 8 a|b + k
     else:
         cols = tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
-        x = tl.load(rows + cols, mask=row_ok & (cols < K), other=0.0)
+        x = _load_x(rows + cols, row_ok & (cols < K), K, SILU)
     return x
 
 
@@ -273,14 +292,15 @@ def _store_rows(rows, v, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: 
 def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                               HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
                               ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr = "fast", HAD: tl.constexpr = False,
-                              PLAIN: tl.constexpr = False):
+                              PLAIN: tl.constexpr = False, SILU: tl.constexpr = False):
     """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
     registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
     registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6).
-    HAD (Rotation.hadamard): rotate by `_fwht32` on a block-per-thread tile."""
+    HAD (Rotation.hadamard): rotate by `_fwht32` on a block-per-thread tile. SILU: x is
+    silu_mul of the gate_up rows at x_ptr."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], K,
-                   NBP, BM, HAD)
+                   NBP, BM, HAD, SILU)
     _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
                   HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD, PLAIN)
 
@@ -542,7 +562,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                         num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
                         with_scale: bool = False, fp8_impl: str | None = None,
                         programs_per_sm: int | None = None, rounding: str = "bits",
-                        launch_dependents: bool = False, pdl: bool = False):
+                        launch_dependents: bool = False, pdl: bool = False, silu: bool = False):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     (MODE_PAIRS: float16 [M, K] in `pairs_order`, scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
@@ -558,13 +578,20 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     next (gemm.gemv_a4 with pdl) launch as soon as this one starts.
     pdl (MXFP4, PAIRS, DEQUANT; sm90+): launch as a programmatic dependent of the kernel before
     it on the stream (whatever wrote x), which waits (griddepcontrol.wait) before reading x:
-    its launch overlaps that kernel's tail. Ignored by the interpreter."""
+    its launch overlaps that kernel's tail. Ignored by the interpreter.
+    silu: x is vLLM's gate_up [M, 2K] and the quantized activation is silu_mul(gate, up) [M, K]
+    (the input of down_proj), computed in the kernel's loads (not with the persistent or
+    two-phase FP8 kernels)."""
     M, K = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if silu:
+        if K % 2:
+            raise ValueError(f"silu: gate_up needs an even width, got {K}")
+        K //= 2
     if K % 32:
         raise ValueError(f"activation quantization needs K % 32 == 0, got {K}")
     if rounding not in ("fast", "bits", "compare"):
         raise ValueError(f"rounding must be 'fast', 'bits' or 'compare', got {rounding!r}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
     r, sign, r_bstride = _rotation_operand(input_rotation, K, x.device, x.dtype)
     rs = sign if sign is not None else x
     if sign is not None and sign.dtype == torch.float32:
@@ -578,6 +605,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
             fp8_impl = default_fp8_impl(M, K, r_bstride)
         if fp8_impl in ("row", "persist") and (K > ROW_KERNEL_MAX_K or r_bstride):
             raise ValueError("the one-pass FP8 kernels take K <= 16384 and a shared rotation")
+        if silu and fp8_impl not in ("row", "walk"):
+            raise ValueError(f"silu is fused into the 'row' and 'walk' FP8 kernels, not {fp8_impl!r}")
         sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
         args = (x, r if r is not None else x, rs)
         if fp8_impl in ("row", "persist"):
@@ -597,7 +626,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
             kern[grid](*args, q, s, sc, M, K, x.stride(0), q.stride(0), HAS_R=r is not None,
                        SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, ROUND=rounding,
                        HAD=isinstance(input_rotation, Rotation) and input_rotation.hadamard,
-                       PLAIN=isinstance(input_rotation, Rotation) and input_rotation.plain, num_warps=warps)
+                       PLAIN=isinstance(input_rotation, Rotation) and input_rotation.plain, num_warps=warps,
+                       **({"SILU": True} if silu else {}))
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl == "two_phase":
             bm = block_m or (16 if M > 16 else triton.next_power_of_2(M))
@@ -631,5 +661,5 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
         s.stride(0) if s.dim() == 2 else 1,
         R_BSTRIDE=r_bstride, HAS_R=r is not None, MODE=mode, BM=block_m, NB=nb,
         ROT_PRECISION=rot_precision, SIGN=sign is not None, LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
-        num_warps=num_warps or 4, **_pdl_launch(pdl and not _interpreting()))
+        SILU=silu, num_warps=num_warps or 4, **_pdl_launch(pdl and not _interpreting()))
     return q if mode == MODE_DEQUANT else (q, s)

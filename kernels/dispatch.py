@@ -285,15 +285,14 @@ def brq_linear(
         input_rotation = None
     rot = _rotation(input_rotation, rotation_sign)
     route = _w4a4_route(backend, M, quantize_activations, weight_fp8)
-    if route == "pairs":
-        # MXFP4 activation as fp16 pairs + the fp16 block-sum gemv
-        level = pdl_level() if backend != "sm80" else 0
-        xp, xs = aq.quantize_activation(x2, rot, aq.MODE_PAIRS, launch_dependents=level >= 1, pdl=level == 2)
-        y = _gemv_a4(xp, xs, weight_packed, weight_scale, bias, x.dtype, level)
-    elif route == "fp8":
-        # one-pass row act-quant (K <= ROW_KERNEL_MAX_K, no per-block R), else two-phase (act_quant.default_fp8_impl)
-        xf, _, xsc = aq.quantize_activation(x2, rot, aq.MODE_FP8, with_scale=True, rounding=act_rounding())
-        y = scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, x.dtype)
+    if route is not None:
+        # "pairs": MXFP4 activation as fp16 pairs + the fp16 block-sum gemv; "fp8": one-pass row
+        # act-quant (K <= ROW_KERNEL_MAX_K, no per-block R, else two-phase) + the FP8 GEMM
+        def quantize(mode, **options):
+            return aq.quantize_activation(x2, rot, mode, with_scale=mode == aq.MODE_FP8, **options)
+
+        y = _quantized_linear(route, backend, quantize, weight_packed, weight_scale, bias, weight_fp8,
+                              weight_fp8_scale, x.dtype)
     elif not quantize_activations:
         if input_rotation is not None:
             x2 = rotate(x2, input_rotation)
@@ -318,6 +317,35 @@ def brq_linear(
     return y.reshape(*lead, -1)
 
 
+def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_scale, bias, weight_fp8,
+                      weight_fp8_scale, out_dtype) -> torch.Tensor:
+    """The GEMM of a "pairs" or "fp8" route on the operand that `quantize(mode, **options)` makes
+    (act_quant.quantize_activation, or a fused producer with the same outputs)."""
+    from vllm_brq.kernels import act_quant as aq
+
+    if route == "pairs":
+        level = pdl_level() if backend != "sm80" else 0
+        xp, xs = quantize(aq.MODE_PAIRS, launch_dependents=level >= 1, pdl=level == 2)[:2]
+        return _gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype, level)
+    xf, _, xsc = quantize(aq.MODE_FP8, rounding=act_rounding())[:3]
+    return scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, out_dtype)
+
+
+def _fusable_route(x: torch.Tensor, K: int, quantize_activations: bool, weight_fp8, rotation_ok: bool):
+    """(backend, route) when the producer before the linear can write its operand itself: a
+    Triton backend, 16-bit activations, a "pairs" or "fp8" route (FP8: whole rows in registers)."""
+    backend = _triton_backend(x.device.index or 0) if x.is_cuda else None
+    if backend is None or x.dtype not in (torch.bfloat16, torch.float16) or not rotation_ok:
+        return backend, None
+    route = _w4a4_route(backend, x.numel() // x.shape[-1], quantize_activations, weight_fp8)
+    if route == "fp8":
+        from vllm_brq.kernels import act_quant as aq
+
+        if K > aq.ROW_KERNEL_MAX_K:
+            route = None
+    return backend, route
+
+
 def brq_norm_linear(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -337,31 +365,65 @@ def brq_norm_linear(
     "pairs" or "fp8" route, one kernel normalizes and quantizes (kernels/norm_quant.py: the
     normalized activation never goes to memory in bf16); elsewhere the norm runs in torch
     (rms_norm_reference) and then brq_linear, with the same result."""
-    backend = _triton_backend(x.device.index or 0) if x.is_cuda else None
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    M, K = x2.shape
-    route = None
-    if backend is not None and x.dtype in (torch.bfloat16, torch.float16) and input_rotation is None:
-        route = _w4a4_route(backend, M, quantize_activations, weight_fp8)
-    if route is not None:
-        from vllm_brq.kernels import act_quant as aq
-        from vllm_brq.kernels import norm_quant as nq
-
-        if route == "fp8" and K > aq.ROW_KERNEL_MAX_K:  # whole rows in registers
-            route = None
+    K = x.shape[-1]
+    backend, route = _fusable_route(x, K, quantize_activations, weight_fp8, input_rotation is None)
     if route is None:
         normed, residual_out = rms_norm_reference(x, residual, norm_weight, eps)
         y = brq_linear(normed, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
                        weight_fp8, weight_fp8_scale, rotation_sign)
         return y, residual_out
+    from vllm_brq.kernels import norm_quant as nq
+
+    x2 = x.reshape(-1, K)
     r2 = residual.reshape(-1, K) if residual is not None else None
-    if route == "pairs":
-        level = pdl_level() if backend != "sm80" else 0
-        xp, xs, residual_out = nq.rms_norm_quantize(x2, r2, norm_weight, eps, aq.MODE_PAIRS,
-                                                    launch_dependents=level >= 1, pdl=level == 2)
-        y = _gemv_a4(xp, xs, weight_packed, weight_scale, bias, x.dtype, level)
-    else:
-        xf, _, xsc, residual_out = nq.rms_norm_quantize(x2, r2, norm_weight, eps, aq.MODE_FP8, rounding=act_rounding())
-        y = scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, x.dtype)
-    return y.reshape(*lead, -1), (residual_out.reshape(x.shape) if residual_out is not None else None)
+    out = []
+
+    def quantize(mode, **options):
+        res = nq.rms_norm_quantize(x2, r2, norm_weight, eps, mode, **options)
+        out.append(res[-1])
+        return res
+
+    y = _quantized_linear(route, backend, quantize, weight_packed, weight_scale, bias, weight_fp8, weight_fp8_scale,
+                          x.dtype)
+    return y.reshape(*x.shape[:-1], -1), (out[0].reshape(x.shape) if out[0] is not None else None)
+
+
+def brq_silu_linear(
+    gate_up: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_rotation: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    quantize_activations: bool,
+    weight_fp8: torch.Tensor | None = None,
+    weight_fp8_scale: torch.Tensor | None = None,
+    rotation_sign: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """brq_linear(silu(gate) * up) of vLLM's gate_up [..., 2K]: its SiluAndMul and the down_proj
+    after it (vllm_brq/fusion.py). On the "pairs" and "fp8" routes the act-quant computes
+    silu-mul in its loads (act_quant.quantize_activation silu=True: the product never goes to
+    memory in bf16); elsewhere silu_mul_reference, then brq_linear."""
+    from vllm_brq.kernels.reference import silu_mul_reference
+
+    K = gate_up.shape[-1] // 2
+    rotation_ok = input_rotation is None
+    if input_rotation is not None and gate_up.is_cuda:
+        from vllm_brq.kernels import act_quant as aq
+
+        # the one-pass FP8 kernel takes a shared 32-block rotation only (the converter's R4)
+        rotation_ok = aq.fusable_rotation(input_rotation, K) and input_rotation.dim() == 2
+    backend, route = _fusable_route(gate_up, K, quantize_activations, weight_fp8, rotation_ok)
+    if route is None:
+        return brq_linear(silu_mul_reference(gate_up), weight_packed, weight_scale, input_rotation, bias,
+                          quantize_activations, weight_fp8, weight_fp8_scale, rotation_sign)
+    from vllm_brq.kernels import act_quant as aq
+
+    x2 = gate_up.reshape(-1, 2 * K)
+    rot = _rotation(input_rotation, rotation_sign)
+
+    def quantize(mode, **options):
+        return aq.quantize_activation(x2, rot, mode, silu=True, with_scale=mode == aq.MODE_FP8, **options)
+
+    y = _quantized_linear(route, backend, quantize, weight_packed, weight_scale, bias, weight_fp8, weight_fp8_scale,
+                          gate_up.dtype)
+    return y.reshape(*gate_up.shape[:-1], -1)

@@ -35,6 +35,13 @@ def rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     return normed.to(x.dtype), (h.to(x.dtype) if residual is not None else None)
 
 
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """vLLM's SiluAndMul (forward_native) in eager torch: silu(gate) * up of gate_up [..., 2K], each
+    op rounded to the input's dtype; the input of a SiLU-fused down_proj."""
+    d = gate_up.shape[-1] // 2
+    return torch.nn.functional.silu(gate_up[..., :d]) * gate_up[..., d:]
+
+
 def quantize_activation_reference(x: torch.Tensor, input_rotation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (packed codes [M, K/2], E8M0 scales [M, K/32]) after the optional rotation."""
     return mxfp4.quantize(activation_reference(x, input_rotation, quantize_activations=False))

@@ -64,7 +64,7 @@ def test_pass_fuses_and_keeps_the_numbers(kind):
     gm = _graph(kind)
     want = gm(*inputs)
     FakeTensorProp(gm).propagate(*inputs)  # vLLM's graphs carry fake values; the pass keeps them
-    assert fusion.fuse_norm_linear(gm.graph) == 1
+    assert fusion.fuse(gm.graph) == 1
     gm.graph.lint()
     gm.recompile()
     targets = _targets(gm)
@@ -80,7 +80,7 @@ def test_pass_fuses_and_keeps_the_numbers(kind):
 def test_pass_leaves_other_graphs_alone(case):
     gm = _graph("fused_add", **{case: True})
     before = _targets(gm)
-    assert fusion.fuse_norm_linear(gm.graph) == 0
+    assert fusion.fuse(gm.graph) == 0
     assert _targets(gm) == before
 
 
@@ -97,7 +97,54 @@ def test_install_once_and_only_into_a_free_hook(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="vllm_brq.fusion"):
         assert not fusion.install(other)
     assert "fusion stays off" in caplog.text
-    monkeypatch.setenv("BRQ_FUSE_NORM", "0")
+    monkeypatch.setenv("BRQ_FUSE", "0")
     fresh = _config()
     assert not fusion.install(fresh) and fusion.PASS_KEY not in fresh.compilation_config.inductor_compile_config
     assert not fusion.install(None)
+
+
+def _silu_graph(form: str, dtype=torch.float32) -> tuple[fx.GraphModule, list]:
+    """gate_up -> SiLU-mul (in one of the forms a compiled graph holds) -> brq.mxfp4_linear."""
+    aten = torch.ops.aten
+    g = fx.Graph()
+    gu, wp, ws, rot = (g.placeholder(n) for n in ("gu", "wp", "ws", "rot"))
+    lo = g.call_function(aten.slice.Tensor, (gu, 1, 0, K))
+    hi = g.call_function(aten.slice.Tensor, (gu, -1, K, 2**63 - 1))  # x[..., d:]
+    if form == "silu":
+        act = g.call_function(aten.silu.default, (lo,))
+    elif form == "relu":  # not a SiLU: left alone
+        act = g.call_function(aten.relu.default, (lo,))
+    else:  # Inductor's decomposition: x / (1 + exp(-x)), in float32 for 16-bit inputs
+        f = g.call_function(torch.ops.prims.convert_element_type.default, (lo, torch.float32))
+        e = g.call_function(aten.exp.default, (g.call_function(aten.neg.default, (f,)),))
+        act = g.call_function(aten.div.Tensor, (f, g.call_function(aten.add.Tensor, (e, 1))))
+        act = g.call_function(torch.ops.prims.convert_element_type.default, (act, dtype))
+    x = g.call_function(aten.mul.Tensor, (act, hi))
+    g.output((g.call_function(ops.mxfp4_linear.default, (x, wp, ws, rot, None, True)),))
+    gen = torch.Generator().manual_seed(3)
+    wp_, ws_ = mxfp4.quantize(torch.randn(N, K, generator=gen))
+    from vllm_brq.rotation import hadamard
+
+    inputs = [(torch.randn(3, 2 * K, generator=gen) * 3).to(dtype), wp_, ws_, hadamard(32).float()]
+    return fx.GraphModule(torch.nn.Module(), g), inputs
+
+
+@pytest.mark.parametrize("form,dtype", [("silu", torch.float32), ("decomposed", torch.float32),
+                                        ("decomposed", torch.bfloat16)])
+def test_pass_fuses_silu_mul_into_down(form, dtype):
+    gm, inputs = _silu_graph(form, dtype)
+    FakeTensorProp(gm).propagate(*inputs)
+    assert fusion.fuse(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    assert _targets(gm) == [ops.silu_mul_mxfp4_linear.default]  # the SiLU-mul's nodes are gone
+    from vllm_brq.kernels.reference import brq_linear_reference, silu_mul_reference
+
+    want = brq_linear_reference(silu_mul_reference(inputs[0]), *inputs[1:], None, True)
+    torch.testing.assert_close(gm(*inputs)[0], want, rtol=0, atol=0)
+
+
+def test_pass_leaves_other_activations_alone():
+    gm, inputs = _silu_graph("relu")
+    FakeTensorProp(gm).propagate(*inputs)
+    assert fusion.fuse(gm.graph) == 0

@@ -64,6 +64,13 @@ ACT_CASES = {
                                                  (True, True, True))
                            for rnd in ("fast", "bits")]),
 }
+ACT_CASES["act_quant_silu"] = (  # down_proj's input: SiLU-mul in the loads, with the FWHT (row) or the dot (2D)
+    aq._act_quant_fp8_row_kernel, dict(ACT, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
+    [dict(HAS_R=True, SIGN=True, BM=1, NBP=512, ROT_PRECISION="tf32x3", ROUND="bits", HAD=True, PLAIN=True,
+          SILU=True, num_warps=8)])
+ACT_CASES["act_quant_2d_silu"] = (aq._act_quant_kernel, dict(ACT, q_ptr="*fp16", s_ptr="*u8"),
+                                  [dict(R_BSTRIDE=0, HAS_R=True, MODE=aq.MODE_PAIRS, BM=1, NB=16,
+                                        ROT_PRECISION="tf32x3", SIGN=True, LAUNCH_DEPENDENTS=True, SILU=True)])
 NORM = {"x_ptr": "*bf16", "r_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*bf16", "eps": "fp32"}
 ACT_CASES.update({
     "norm_fp8_row": (nq._norm_fp8_row_kernel, dict(NORM, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),

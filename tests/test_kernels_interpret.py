@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-CHECKS = ("act_quant", "act_quant_fp8_row", "norm_quant", "gemm_fp8", "gemm_w4a16", "gemv", "gemv_a4", "dequant")
+CHECKS = ("act_quant", "act_quant_fp8_row", "norm_quant", "silu_quant", "gemm_fp8", "gemm_w4a16", "gemv", "gemv_a4", "dequant")
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -85,6 +85,17 @@ def _run(name, seed):
             # the float32 sum of squares runs in another order than torch's mean: a code may move on a tie
             assert (f.float() != f0.float()).sum() <= 2 and torch.equal(e, e0) and torch.equal(c, c0)
             assert (p.view(torch.int16) != p0.view(torch.int16)).sum() <= 2 and (s != s0).sum() <= 1
+        return
+    if name == "silu_quant":  # SiLU-mul of gate_up computed in the act-quant's loads (down_proj's input)
+        gu = torch.cat([x.half(), (x.float().flip(0) * 0.5).half()], 1)  # [M, 2K], outliers in both halves
+        xs = ref.silu_mul_reference(gu)
+        for r in (None, aq.Rotation.prepare(rots[1], dtype=torch.float16)):
+            for mode in (aq.MODE_PAIRS, aq.MODE_MXFP4):
+                got, want = aq.quantize_activation(gu, r, mode, silu=True), aq.quantize_activation(xs, r, mode)
+                assert all((g != w).sum() <= 2 for g, w in zip(got, want)), mode  # exp: a tie may move a code
+            got = aq.quantize_activation(gu, r, aq.MODE_FP8, with_scale=True, silu=True, fp8_impl="row")
+            want = aq.quantize_activation(xs, r, aq.MODE_FP8, with_scale=True, fp8_impl="row")
+            assert (got[0].float() != want[0].float()).sum() <= 2 and torch.equal(got[1], want[1])
         return
     if name == "act_quant_fp8_row":  # one-pass FP8 mode, tf32x3 and +-1 (Rotation.prepare) rotations
         # row 0, block 0 (scale 2^0 from the 6): every E2M1 tie, both signs, the clamp, +-0

@@ -86,6 +86,8 @@ def test_opcheck(weights):
                                                                      True)),
                      (torch.ops.brq.rms_norm_mxfp4_linear.default, (x, None, nw, 1e-5, packed, scale, None, None,
                                                                      True)),
+                     (torch.ops.brq.silu_mul_mxfp4_linear.default, (torch.cat([x, x], 1)[:, :K * 2], packed, scale,
+                                                                    ROTATIONS["shared"], bias, True)),
                      (torch.ops.brq.rotated_linear.default, (x, w, None, bias, False))):
         opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 

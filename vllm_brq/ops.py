@@ -15,6 +15,9 @@ Ops:
   linear after it as one op, which vllm_brq/fusion.py puts in place of the pair in the
   compiled graph (calls ``kernels.dispatch.brq_norm_linear``). Without a residual the
   second output is empty.
+- ``brq::silu_mul_mxfp4_linear(gate_up, <mxfp4_linear's weights>)``: mxfp4_linear(silu(gate) * up),
+  vLLM's SiluAndMul and the down_proj after it as one op (fusion.py; calls
+  ``kernels.dispatch.brq_silu_linear``).
 - ``brq::rotated_linear(x, weight, input_rotation?, bias?, quantize_activations)``:
   the same with a dense weight, for ``--quantizer none`` checkpoints (rotated weights in
   the source dtype).
@@ -43,6 +46,11 @@ _LIB.define(
     "rms_norm_mxfp4_linear(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight_packed, "
     "Tensor weight_scale, Tensor? input_rotation, Tensor? bias, bool quantize_activations, Tensor? weight_fp8=None, "
     "Tensor? weight_fp8_scale=None, Tensor? rotation_sign=None) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "silu_mul_mxfp4_linear(Tensor gate_up, Tensor weight_packed, Tensor weight_scale, Tensor? input_rotation, "
+    "Tensor? bias, bool quantize_activations, Tensor? weight_fp8=None, Tensor? weight_fp8_scale=None, "
+    "Tensor? rotation_sign=None) -> Tensor"
 )
 _LIB.define(
     "rotated_linear(Tensor x, Tensor weight, Tensor? input_rotation, Tensor? bias, "
@@ -80,11 +88,14 @@ def _rms_norm_linear_fake(x, residual, norm_weight, eps, weight, *_args):
 # chooses the backend. Inference only, so no autograd formula is registered.
 _LIB.impl("mxfp4_linear", _mxfp4_linear, "CompositeExplicitAutograd")
 _LIB.impl("rms_norm_mxfp4_linear", _rms_norm_mxfp4_linear, "CompositeExplicitAutograd")
+_LIB.impl("silu_mul_mxfp4_linear", dispatch.brq_silu_linear, "CompositeExplicitAutograd")
 _LIB.impl("rotated_linear", _rotated_linear, "CompositeExplicitAutograd")
 torch.library.register_fake("brq::mxfp4_linear", _linear_fake, lib=_LIB)
 torch.library.register_fake("brq::rms_norm_mxfp4_linear", _rms_norm_linear_fake, lib=_LIB)
+torch.library.register_fake("brq::silu_mul_mxfp4_linear", _linear_fake, lib=_LIB)
 torch.library.register_fake("brq::rotated_linear", _linear_fake, lib=_LIB)
 
 mxfp4_linear = torch.ops.brq.mxfp4_linear
 rms_norm_mxfp4_linear = torch.ops.brq.rms_norm_mxfp4_linear
+silu_mul_mxfp4_linear = torch.ops.brq.silu_mul_mxfp4_linear
 rotated_linear = torch.ops.brq.rotated_linear
