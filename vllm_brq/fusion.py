@@ -262,8 +262,8 @@ def _pass_class():
 
         def __call__(self, graph: fx.Graph) -> None:
             n = fuse(graph)
-            if n:  # the first piece at INFO (vLLM compiles each piece of the model separately)
-                log = logger.debug if _FUSED_PIECES else logger.info
+            if n:  # each new count at INFO (vLLM compiles each piece of the model separately)
+                log = logger.debug if n in _FUSED_PIECES else logger.info
                 log("vllm-brq: fused %d RMSNorm/SiLU-mul -> brq linear pair(s) in a graph piece", n)
                 _FUSED_PIECES.append(n)
 
