@@ -50,6 +50,7 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4-pdl1": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),  # rounds 6-7
     # round 10: the RMSNorms and SiLU-muls kept apart from the brq linears after them (vllm_brq/fusion.py off)
     "brq-w4a4-unfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "0"}),
+    "brq-w4a4-normfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "norm"}),
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
 PROFILED = ("bf16", "brq-w4a4")

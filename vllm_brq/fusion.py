@@ -41,9 +41,17 @@ _AUTO_FUNCTIONALIZED = torch.ops.higher_order.auto_functionalized
 _FUSED_PIECES: list[int] = []  # fusions per rewritten graph piece, this process
 
 
+def fused_producers() -> set[str]:
+    """Which producers the pass fuses: BRQ_FUSE=1 (default) both, norm or silu one, 0 none (A/B)."""
+    value = os.environ.get("BRQ_FUSE", "1")
+    kinds = {"1": {"norm", "silu"}, "norm": {"norm"}, "silu": {"silu"}, "0": set()}
+    if value not in kinds:
+        raise ValueError(f"BRQ_FUSE must be one of {', '.join(kinds)}, got {value!r}")
+    return kinds[value]
+
+
 def enabled() -> bool:
-    """BRQ_FUSE=0 keeps the ops before the linears apart (A/B measurements); default on."""
-    return os.environ.get("BRQ_FUSE", "1") not in ("0", "false", "False", "")
+    return bool(fused_producers())
 
 
 def _norm_ops():
@@ -182,6 +190,9 @@ def fuse(graph: fx.Graph) -> int:
     """Rewrites every fusable "RMSNorm -> brq.mxfp4_linear" and "SiLU-mul -> brq.mxfp4_linear" pair
     in `graph` (W4A4 linears only: W4A16 has no act-quant to fuse into); returns how many."""
     norms = _norm_ops()
+    kinds = fused_producers()
+    if "norm" not in kinds:
+        norms = (None, None)
     count = 0
     for linear in list(graph.nodes):
         if linear.op != "call_function" or linear.target is not ops.mxfp4_linear.default:
@@ -189,7 +200,8 @@ def fuse(graph: fx.Graph) -> int:
         lin = _arguments(linear)
         if lin["quantize_activations"] is not True:
             continue
-        count += bool((norms[0] is not None and _fuse_norm(linear, lin, *norms)) or _fuse_silu(linear, lin))
+        count += bool((norms[0] is not None and _fuse_norm(linear, lin, *norms))
+                      or ("silu" in kinds and _fuse_silu(linear, lin)))
     return count
 
 
