@@ -51,6 +51,7 @@ def fused_producers() -> set[str]:
 
 
 def enabled() -> bool:
+    """Whether the pass fuses anything (BRQ_FUSE is not 0)."""
     return bool(fused_producers())
 
 
@@ -157,8 +158,8 @@ def _computes_silu(out: fx.Node, src: fx.Node) -> bool:
 
 
 def _silu_mul_before(x):
-    """(gate_up node, the SiLU-mul's nodes) when x = silu(gate_up[..., :d]) * gate_up[..., d:] is used
-    only by this linear, else None."""
+    """The gate_up node when x = silu(gate_up[..., :d]) * gate_up[..., d:] and only this linear uses x,
+    else None."""
     if not (isinstance(x, fx.Node) and x.target is torch.ops.aten.mul.Tensor and len(x.users) == 1
             and len(x.args) == 2 and all(isinstance(a, fx.Node) for a in x.args)):
         return None
