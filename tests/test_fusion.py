@@ -148,3 +148,12 @@ def test_pass_leaves_other_activations_alone():
     gm, inputs = _silu_graph("relu")
     FakeTensorProp(gm).propagate(*inputs)
     assert fusion.fuse(gm.graph) == 0
+
+
+def test_bad_switch_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("BRQ_FUSE", "yes")
+    with pytest.raises(ValueError, match="BRQ_FUSE must be one of"):
+        fusion.install(_config())
+    monkeypatch.setenv("BRQ_FUSE", "silu")
+    gm = _graph("fused_add")
+    assert fusion.fuse(gm.graph) == 0  # norms not fused with BRQ_FUSE=silu
