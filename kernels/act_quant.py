@@ -18,6 +18,10 @@ dot and its amax a reduction over the last axis. Four outputs, picked at compile
   with the 32 elements of each block in the order of the gemv's fp16x2 weight pairs
   (`pairs_order`), + E8M0 scales [M, K/32] as in MODE_MXFP4.
 
+SILU (the one-pass FP8 row kernel and the 2D kernel): x is computed in the loads as
+`silu_mul(gate, up)` of vLLM's gate_up rows [M, 2K], so down_proj's input is never written in
+bf16 (`quantize_activation(silu=True)`; vllm_brq/fusion.py puts it in the compiled graph).
+
 The rotation is computed in float32 through `tf32x3` (three tf32 products, ~fp32 accuracy);
 the reference rotates with an fp32 matmul, so rotated inputs can differ from it in the
 last ulp, which flips a code only when a value lands exactly on a rounding boundary.
