@@ -17,7 +17,7 @@ Checks first (bf16, random data with outliers): the fused kernels' outputs again
 reference producer followed by the plain act-quant (counts of differing elements), and per
 row the fused segment's output against the reference producer + dispatch.brq_linear. Per row
 also the pieces alone: the compiled producer, the act-quant, the fused producer + act-quant.
-Writes norm-quant-<gpu>.json.
+Writes norm-quant-<gpu>.json and prints the README table (`markdown`).
 """
 
 from __future__ import annotations
@@ -110,6 +110,19 @@ def quant_alone(kind, x, r, L, mode):
             lambda xin: aq.quantize_activation(xin, rot, mode, **kw))
 
 
+def markdown(result: dict) -> str:
+    """The README table: each segment's speed-up over bf16, unfused and fused, per M."""
+    names = {"qkv": "norm + qkv", "gate_up": "norm + gate_up", "down": "SiLU-mul + down (R4)"}
+    ms = sorted({r["M"] for r in result["rows"]})
+    lines = ["| segment | " + " | ".join(f"M = {m}" if i == 0 else str(m) for i, m in enumerate(ms)) + " |",
+             "| --- |" + " --- |" * len(ms)]
+    for op in names:
+        rows = {r["M"]: r for r in result["rows"] if r["op"] == op}
+        for key, label in (("unfused_vs_bf16", "unfused"), ("fused_vs_bf16", "fused")):
+            lines.append(f"| {names[op]}, {label} | " + " | ".join(f"{rows[m][key]:.2f}x" for m in ms) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results")
@@ -148,6 +161,7 @@ def main() -> None:
             del layers, seg
             torch.cuda.empty_cache()
             write_results(args.out, "norm-quant", result)
+    print(markdown(result))
 
 
 if __name__ == "__main__":

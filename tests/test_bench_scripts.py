@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import accuracy_table  # noqa: E402
 import bench_e2e  # noqa: E402
+import bench_norm_quant  # noqa: E402
 import profile_decode  # noqa: E402
 import report  # noqa: E402
 
@@ -54,6 +55,12 @@ def test_e2e_table_matches_results():
         assert f"{bf16['latency_s'] / r['latency_s']:.2f}x" in line
     profile = result["decode_profile"]["brq-w4a4"]
     assert abs(sum(v["share"] for v in profile["categories"].values()) - 1) < 0.01
+
+
+def test_norm_quant_table_in_readme_is_the_results_file():
+    result = json.loads((REPO / "benchmarks/results/norm-quant-h100.json").read_text())
+    assert bench_norm_quant.markdown(result) in (REPO / "README.md").read_text()
+    assert all(r["fused_vs_reference_rel"] < 1e-4 for r in result["rows"])
 
 
 def test_accuracy_table_in_readme_is_the_results_file():
