@@ -247,13 +247,6 @@ def _w4a4_route(backend: str, M: int, quantize_activations: bool, weight_fp8: to
     return None
 
 
-def _gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype, level: int) -> torch.Tensor:
-    from vllm_brq.kernels import gemm
-
-    return gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=out_dtype, pdl=level >= 1,
-                        persistent=gemv_persistent(weight_packed.shape[0]))
-
-
 def brq_linear(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -322,11 +315,13 @@ def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_
     """The GEMM of a "pairs" or "fp8" route on the operand that `quantize(mode, **options)` makes
     (act_quant.quantize_activation, or a fused producer with the same outputs)."""
     from vllm_brq.kernels import act_quant as aq
+    from vllm_brq.kernels import gemm
 
     if route == "pairs":
         level = pdl_level() if backend != "sm80" else 0
         xp, xs = quantize(aq.MODE_PAIRS, launch_dependents=level >= 1, pdl=level == 2)[:2]
-        return _gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype, level)
+        return gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=out_dtype, pdl=level >= 1,
+                            persistent=gemv_persistent(weight_packed.shape[0]))
     xf, _, xsc = quantize(aq.MODE_FP8, rounding=act_rounding())[:3]
     return scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, out_dtype)
 
