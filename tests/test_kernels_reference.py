@@ -194,3 +194,21 @@ def test_act_quant_refuses_an_unknown_rounding():
 
     with pytest.raises(ValueError, match="rounding must be"):
         aq.quantize_activation(torch.zeros(1, 32), None, aq.MODE_FP8, rounding="up")
+
+
+def test_fused_producers_reject_bad_shapes_before_launching():
+    """The fused act-quants (norm, SiLU-mul) name what does not fit instead of reading out of bounds."""
+    pytest.importorskip("triton")
+    from vllm_brq.kernels import act_quant as aq
+    from vllm_brq.kernels import norm_quant as nq
+
+    with pytest.raises(ValueError, match="even width"):
+        aq.quantize_activation(torch.zeros(2, 129), None, aq.MODE_PAIRS, silu=True)
+    with pytest.raises(ValueError, match="K % 32"):
+        aq.quantize_activation(torch.zeros(2, 2 * 48), None, aq.MODE_PAIRS, silu=True)
+    with pytest.raises(ValueError, match="not 'two_phase'"):
+        aq.quantize_activation(torch.zeros(2, 128), None, aq.MODE_FP8, silu=True, fp8_impl="two_phase")
+    with pytest.raises(ValueError, match="rms_norm_quantize: x"):
+        nq.rms_norm_quantize(torch.zeros(2, 64), torch.zeros(3, 64), torch.ones(64), 1e-5, aq.MODE_FP8)
+    with pytest.raises(ValueError, match="weight"):
+        nq.rms_norm_quantize(torch.zeros(2, 64), None, torch.ones(32), 1e-5, aq.MODE_PAIRS)
