@@ -8,8 +8,7 @@ gate_up and down (down with the 32-block Hadamard R4 as brq-convert writes it), 
 starts cold, as in a decode step. Timed for the dispatch path (gemv_a4, autotuned, launched
 as a programmatic dependent, persistent for wide N) and with each of those switched off
 (BRQ_PDL=0, BRQ_GEMV_PERSIST=0) or forced (BRQ_GEMV_PERSIST=1), for gemv_a4 with each of its
-configs pinned for every shape, for the TMA GEMV (BRQ_GEMV_TMA=1; each of its configs pinned per shape, and checked bit for bit
-against gemv_a4 with the same tile), and for cuBLAS bf16 on the same shapes; each dispatch variant's outputs, replayed from
+configs pinned for every shape, and for cuBLAS bf16 on the same shapes; each dispatch variant's outputs, replayed from
 a graph (where PDL kernels overlap), must equal the default path's bit for bit. It shows how far the
 isolated kernel numbers (bench_kernels.py, one shape's calls back to back) carry into a step.
 Per shape (`per_shape_us_per_layer`: 32 calls of one shape in a graph, weights cold): the dispatch
@@ -56,17 +55,6 @@ def graph_outputs(fn):
 CANDIDATES = ((4, 32, 4), (2, 32, 2), (8, 32, 4), (4, 64, 4), (2, 64, 4), (4, 64, 8), (8, 16, 4), (16, 32, 8))
 
 
-# the TMA GEMV's (BN, NBK, STAGES, warps) candidates (gemm._gemv_a4_tma_kernel, BRQ_GEMV_TMA=1)
-TMA_CANDIDATES = ((4, 32, 2, 4), (4, 32, 3, 4), (4, 32, 4, 4), (4, 32, 6, 4), (2, 32, 4, 2), (2, 32, 6, 2),
-                  (8, 32, 4, 8), (8, 32, 6, 8), (4, 64, 3, 4), (16, 32, 4, 8))
-
-
-def tma_configs() -> dict[str, dict]:
-    return {f"TMA BN={bn} NBK={nbk} stages={st} warps={w}": dict(BN=bn, NBK=nbk, STAGES=st, num_warps=w,
-                                                                 num_stages=st)
-            for bn, nbk, st, w in TMA_CANDIDATES}
-
-
 def pinned_configs() -> dict[str, dict]:
     return {f"BN={bn} NBK={nbk} warps={w}": dict(BN=bn, NBK=nbk, num_warps=w, num_stages=1)
             for bn, nbk, w in CANDIDATES}
@@ -87,8 +75,6 @@ def shape_parts(layers, name: str) -> dict[str, float]:
     parts = {"dispatch (act-quant + gemv_a4)": timed(linear)}
     with env_set("BRQ_PDL", "1"):
         parts["dispatch, BRQ_PDL=1"] = timed(linear)
-    with env_set("BRQ_GEMV_TMA", "1"):
-        parts["dispatch, BRQ_GEMV_TMA=1"] = timed(linear)
     parts.update({
              "act-quant alone": timed(lambda op, p: aq.quantize_activation(op[3], op[2], aq.MODE_PAIRS)),
              "gemv_a4 alone, autotuned": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1])),
@@ -97,27 +83,7 @@ def shape_parts(layers, name: str) -> dict[str, float]:
     for label, cfg in pinned_configs().items():
         parts[f"gemv_a4 alone, {label}"] = timed(
             lambda op, p, cfg=cfg: gemm.gemv_a4(p[0], p[1], op[0], op[1], config=cfg))
-    parts["gemv_a4 alone, TMA autotuned"] = timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1], tma=True))
-    for label, cfg in tma_configs().items():
-        parts[f"gemv_a4 alone, {label}"] = timed(
-            lambda op, p, cfg=cfg: gemm.gemv_a4(p[0], p[1], op[0], op[1], config=cfg, tma=True))
     return parts
-
-
-def tma_checks(gen) -> dict[str, bool]:
-    """The TMA GEMV against gemv_a4 with the same tile, bit for bit, where the tiles do not divide
-    the shape (rows past N, blocks past K: zeros from the TMA unit), with a bias, and PDL."""
-    out = {}
-    for N, K in ((1000, 1536), (4096, 14336), (130, 512)):
-        wp, ws = mxfp4.quantize(torch.randn(N, K, device="cuda", generator=gen) * 0.02)
-        xp, xs = aq.quantize_activation(outlier_x(1, K, gen), None, aq.MODE_PAIRS)
-        b = torch.randn(N, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for bn, nbk, st, w in TMA_CANDIDATES:
-            want = gemm.gemv_a4(xp, xs, wp, ws, b, config=dict(BN=bn, NBK=nbk, num_warps=w, num_stages=1))
-            got = gemm.gemv_a4(xp, xs, wp, ws, b, config=dict(BN=bn, NBK=nbk, STAGES=st, num_warps=w, num_stages=st),
-                               tma=True, pdl=True)
-            out[f"N={N} K={K} BN={bn} NBK={nbk} stages={st}"] = bool(torch.equal(got, want))
-    return out
 
 
 def main() -> None:
@@ -157,8 +123,7 @@ def main() -> None:
                 "BRQ_PDL=0": {"BRQ_PDL": "0"},
                 "BRQ_PDL=1 (only the gemv a dependent; rounds 6-7)": {"BRQ_PDL": "1"},
                 "BRQ_GEMV_PERSIST=0": {"BRQ_GEMV_PERSIST": "0"},
-                "BRQ_GEMV_PERSIST=1 (persistent on every shape)": {"BRQ_GEMV_PERSIST": "1"},
-                "BRQ_GEMV_TMA=1 (TMA weight stream, autotuned)": {"BRQ_GEMV_TMA": "1"}}
+                "BRQ_GEMV_PERSIST=1 (persistent on every shape)": {"BRQ_GEMV_PERSIST": "1"}}
     for label, env in variants.items():
         with contextlib.ExitStack() as stack:
             for name, value in env.items():
@@ -166,10 +131,10 @@ def main() -> None:
             res[label] = graph_time([step()], reps=20) * 1e3 / args.layers
             got = graph_outputs(step())  # the same step replayed from a CUDA graph
         identical[label] = all(torch.equal(a, b) for a, b in zip(got, want))
+    picks = {str(k): str(v) for k, v in gemm._gemv_a4_kernel.cache.items()}
     for label, cfg in pinned_configs().items():
         res[f"pinned {label}"] = graph_time([step(cfg)], reps=20) * 1e3 / args.layers
     per_shape = {name: shape_parts(layers, name) for name in SHAPES}
-    picks = {str(k): str(v) for kern in (gemm._gemv_a4_kernel, gemm._gemv_a4_tma_kernel) for k, v in kern.cache.items()}
     del layers
     torch.cuda.empty_cache()
     wb = [{n: torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
@@ -182,7 +147,7 @@ def main() -> None:
            "us_per_layer": {k: round(v, 2) for k, v in res.items()},
            "ratio_vs_bf16": {k: round(bf16 / v, 3) for k, v in res.items()}, "autotuner_picks": picks,
            "per_shape_us_per_layer": per_shape,
-           "outputs_identical_to_default_eager": identical, "tma_equals_gemv_a4": tma_checks(gen)}
+           "outputs_identical_to_default_eager": identical}
     print(json.dumps(out, indent=1))
     write_results(args.out, "decode-layers", out)
 

@@ -163,15 +163,6 @@ def gemv_persistent(N: int) -> bool:
     return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N)
 
 
-def gemv_tma(backend: str) -> bool:
-    """Whether the M = 1 decode gemv_a4 streams its weights through the TMA (sm90+,
-    gemm._gemv_a4_tma_kernel). BRQ_GEMV_TMA: 0 (default until measured in the decode chain) or 1."""
-    mode = os.environ.get("BRQ_GEMV_TMA", "0")
-    if mode not in ("0", "1"):
-        raise ValueError(f"BRQ_GEMV_TMA must be '0' or '1', got {mode!r}")
-    return mode == "1" and backend != "sm80"
-
-
 def w4a16_dequant_enabled() -> bool:
     """W4A16 prefill (M > SMALL_M) dequantizes the weight to the activation dtype in one exact
     pass, then runs cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register W4A16 kernel, 0.29-0.35x of
@@ -330,7 +321,7 @@ def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_
         level = pdl_level() if backend != "sm80" else 0
         xp, xs = quantize(aq.MODE_PAIRS, launch_dependents=level >= 1, pdl=level == 2)[:2]
         return gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=out_dtype, pdl=level >= 1,
-                            persistent=gemv_persistent(weight_packed.shape[0]), tma=gemv_tma(backend))
+                            persistent=gemv_persistent(weight_packed.shape[0]))
     xf, _, xsc = quantize(aq.MODE_FP8, rounding=act_rounding())[:3]
     return scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, out_dtype)
 

@@ -584,103 +584,15 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
         p, s, p1, s1 = p1, s1, p2, s2
 
 
-# TMA variant (BRQ_GEMV_TMA): (BN, NBK, STAGES, warps); the probe's candidates, timed in the chain
-_GEMV_A4_TMA_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk, "STAGES": st}, num_warps=w, num_stages=st,
-                                      pre_hook=lambda nargs: _tma_blocks(nargs))
-                        for bn, nbk, st, w in ((4, 32, 4, 4), (2, 32, 4, 2))]
-
-
-def _tma_blocks(nargs):
-    """Autotune pre-hook: the weight descriptors' boxes follow the config's tile."""
-    bn, nbk = nargs["BN"], nargs["NBK"]
-    nargs["w_desc"].block_shape = [bn, nbk * 4]
-    nargs["s_desc"].block_shape = [bn, nbk]
-
-
-@triton.jit
-def _ld_v4(p):
-    """Four int32 words at p (16-byte aligned), one vector load (volatile inline PTX; not .nc: the
-    kernel before may still be writing them until griddepcontrol.wait)."""
-    return tl.inline_asm_elementwise("ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [p],
-                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
-
-
-@triton.jit
-def _load_block_pairs(p, USE_ASM: tl.constexpr):
-    """The 16 int32 words (fp16 pairs) of the activation block at p (int32 pointers [BN, NBK]).
-    USE_ASM: four 16-byte loads in inline PTX, ordered after griddepcontrol.wait (volatile) and
-    invisible to the software pipeliner (a tl.load would be staged through shared memory,
-    once per weight row of the tile)."""
-    if USE_ASM:
-        a0, a1, a2, a3 = _ld_v4(p)
-        a4, a5, a6, a7 = _ld_v4(p + 4)
-        a8, a9, a10, a11 = _ld_v4(p + 8)
-        a12, a13, a14, a15 = _ld_v4(p + 12)
-    else:
-        a0, a1, a2, a3 = tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
-        a4, a5, a6, a7 = tl.load(p + 4), tl.load(p + 5), tl.load(p + 6), tl.load(p + 7)
-        a8, a9, a10, a11 = tl.load(p + 8), tl.load(p + 9), tl.load(p + 10), tl.load(p + 11)
-        a12, a13, a14, a15 = tl.load(p + 12), tl.load(p + 13), tl.load(p + 14), tl.load(p + 15)
-    return a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
-
-
-@triton.autotune(configs=_GEMV_A4_TMA_CONFIGS, key=["N", "K"])
-@triton.jit
-def _gemv_a4_tma_kernel(w_desc, s_desc, a_ptr, as_ptr, bias_ptr, c_ptr, N, K, HAS_BIAS: tl.constexpr,
-                        BN: tl.constexpr, NBK: tl.constexpr, STAGES: tl.constexpr, USE_ASM: tl.constexpr,
-                        PDL: tl.constexpr):
-    """gemv_a4 at M = 1 with the weight stream on the Hopper TMA: each [BN, NBK]-block tile of
-    words and scales is one bulk copy into shared memory, STAGES - 1 tiles ahead (Triton's
-    software pipeliner, mbarriers), so the bytes in flight per CTA grow without registers
-    (round 8: deeper register prefetch cost occupancy). Rows past N and blocks past K arrive
-    as zeros from the TMA unit (no clamps, no masks on the weights). The block dot, its order
-    of sums and the scales are `_a4_tile`'s: the output is bit-identical to `_gemv_a4_kernel`
-    with the same NBK. PDL: the first tiles are requested in the pipeline's prologue, before
-    the loop's griddepcontrol.wait; the activation is read only after it."""
-    pid = tl.program_id(0)
-    n0 = pid * BN
-    KB = K // 32
-    offs_n = n0 + tl.arange(0, BN)
-    offs_b = tl.arange(0, NBK)
-    acc1 = tl.zeros([BN, NBK], dtype=tl.float32)
-    for kb in tl.range(0, KB, NBK, num_stages=STAGES):
-        if PDL:
-            gdc_wait()  # returns at once after the first iteration
-        w0, w1, w2, w3 = _split4(tl.reshape(w_desc.load([n0, kb * 4]), [BN, NBK, 4]))
-        s = s_desc.load([n0, kb]).to(tl.int32)
-        blk = tl.minimum(kb + offs_b, KB - 1)[None, :] + (offs_n * 0)[:, None]  # tail blocks: the weight is 0
-        a = _load_block_pairs(a_ptr + blk * 16, USE_ASM)
-        sa = tl.load(as_ptr + blk).to(tl.int32)
-        if USE_ASM:
-            part = tl.inline_asm_elementwise(
-                BLOCK_DOT_ASM, BLOCK_DOT_CONSTRAINTS,
-                [w0, w1, w2, w3, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12],
-                 a[13], a[14], a[15]], dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            part = _block_dot_plain((w0, w1, w2, w3), a)
-        scw = ((tl.minimum(s, 241) + 13) << 23).to(tl.float32, bitcast=True)  # 2^(sw - 127 + 13)
-        sca = tl.where(sa > 0, (sa << 23).to(tl.float32, bitcast=True), 2.0 ** -127)  # 2^(sa - 127)
-        acc1 += part * scw * sca
-    _store(c_ptr, tl.sum(acc1, axis=1)[None, :], tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, HAS_BIAS)
-
-
-def tma_fits(weight_packed, weight_scale) -> bool:
-    """The TMA GEMV's layout needs: contiguous rows, 16-byte aligned bases and row strides
-    (the scale rows are K/32 bytes: K % 512 == 0)."""
-    return (weight_packed.is_contiguous() and weight_scale.is_contiguous() and weight_scale.shape[1] % 16 == 0
-            and weight_packed.data_ptr() % 16 == 0 and weight_scale.data_ptr() % 16 == 0)
-
-
 def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
-            use_asm=None, pdl=False, persistent=False, programs=None, tma=False):
+            use_asm=None, pdl=False, persistent=False, programs=None):
     """W4A4 decode: MXFP4 activation in the act-quant's MODE_PAIRS (float16 [M <= GEMV_MAX_M, K]
     + E8M0 [M, K/32]) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product up to
     float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel).
     pdl: launch as a programmatic dependent (sm90+) of the kernel before it on the stream,
     which should trigger early (act-quant `launch_dependents`); ignored by the interpreter.
     persistent (M = 1 and K/32 % NBK == 0, else ignored): `_gemv_a4_persist_kernel` with
-    `programs` programs (default: PPS per SM). tma (M = 1 and `tma_fits`, else ignored; before
-    `persistent`): `_gemv_a4_tma_kernel`."""
+    `programs` programs (default: PPS per SM)."""
     M, K = a_pairs.shape
     N = weight_packed.shape[0]
     if (a_pairs.dtype != torch.float16 or weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32)
@@ -696,19 +608,6 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
     bm = triton.next_power_of_2(max(M, 1))
     pdl = pdl and not _interpreting()
     a32, w32 = a_pairs.view(torch.int32), weight_packed.view(torch.int32)  # the kernel reads int32 words
-    if tma and M == 1 and tma_fits(weight_packed, weight_scale):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        launch, cfg = _launcher(_gemv_a4_tma_kernel, config)
-        if pdl:
-            cfg["launch_pdl"] = True
-        bn, nbk = (config["BN"], config["NBK"]) if config else (1, 16)  # autotuned: the pre-hook sets the boxes
-        w_desc = TensorDescriptor.from_tensor(w32, [bn, nbk * 4])
-        s_desc = TensorDescriptor.from_tensor(weight_scale, [bn, nbk])
-        launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
-            w_desc, s_desc, a32, a_scale, bias if bias is not None else c, c, N, K, HAS_BIAS=bias is not None,
-            USE_ASM=use_asm, PDL=pdl, **cfg)
-        return c
     nbk = config["NBK"] if config else 32  # every autotuned persistent config has NBK = 32
     if persistent and M == 1 and (K // 32) % nbk == 0:
         launch, cfg = _launcher(_gemv_a4_persist_kernel, config)

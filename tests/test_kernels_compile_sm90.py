@@ -104,31 +104,6 @@ def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait(persistent)
     assert "griddepcontrol" not in _compile(kernel, ptrs, dict(cx, PDL=False)).asm["ptx"]
 
 
-@pytest.mark.parametrize("pdl", [False, True])
-def test_tma_gemv_compiles_streams_by_tma_and_reads_the_activation_after_the_wait(pdl):
-    """Each TMA GEMV config (and the probe's candidates) compiles for sm90 with its descriptors;
-    the weight tiles arrive by bulk tensor copies, the first ones (the pipeline's prologue)
-    before griddepcontrol.wait, and every activation load comes after it."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from decode_layers import TMA_CANDIDATES
-
-    _, configs = _jit(gemm._gemv_a4_tma_kernel)
-    tiles = {(c.kwargs["BN"], c.kwargs["NBK"], c.kwargs["STAGES"], c.num_warps) for c in configs}
-    for bn, nbk, stages, warps in sorted(tiles | set(TMA_CANDIDATES)):
-        ptrs = dict(W, a_ptr="*i32", as_ptr="*u8", w_desc=f"tensordesc<i32[{bn},{nbk * 4}]>",
-                    s_desc=f"tensordesc<u8[{bn},{nbk}]>")
-        cx = dict(HAS_BIAS=True, BN=bn, NBK=nbk, STAGES=stages, USE_ASM=True, PDL=pdl)
-        lines = _compile(gemm._gemv_a4_tma_kernel, ptrs, cx, warps, stages).asm["ptx"].splitlines()
-        copies = [i for i, line in enumerate(lines) if "cp.async.bulk.tensor" in line]
-        loads = [i for i, line in enumerate(lines) if "ld.global" in line]
-        waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
-        assert copies and loads, (bn, nbk, stages)
-        if pdl:
-            assert len(waits) == 1 and copies[0] < waits[0] < loads[0], (bn, nbk, stages)
-        else:
-            assert not waits
-
-
 def test_act_quant_as_a_dependent_waits_before_reading_its_input():
     """BRQ_PDL=2: the act-quant may start while the kernel writing x ends, so griddepcontrol.wait
     comes before any load (after the trigger for the GEMV behind it)."""

@@ -177,13 +177,6 @@ def test_switches_default_to_the_measured_winners(monkeypatch):
     monkeypatch.setenv("BRQ_GEMV_PERSIST", "yes")
     with pytest.raises(ValueError, match="BRQ_GEMV_PERSIST must be 'auto', '0' or '1'"):
         dispatch.gemv_persistent(4096)
-    monkeypatch.delenv("BRQ_GEMV_TMA", raising=False)
-    assert not dispatch.gemv_tma("sm90")
-    monkeypatch.setenv("BRQ_GEMV_TMA", "1")
-    assert dispatch.gemv_tma("sm90") and not dispatch.gemv_tma("sm80")  # no TMA before Hopper
-    monkeypatch.setenv("BRQ_GEMV_TMA", "on")
-    with pytest.raises(ValueError, match="BRQ_GEMV_TMA must be '0' or '1'"):
-        dispatch.gemv_tma("sm90")
     monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
     with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
         dispatch.act_rounding()
