@@ -260,37 +260,35 @@ def _load_x(p, msk, K, SILU: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(rows, row_ok, k0, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr,
-               SILU: tl.constexpr = False):
-    """x [NB, BM, 32] of the rows at `rows` ([1, BM, 1] pointers) from column k0, 0 past K and
-    where not row_ok.
+def _load_rows(rows, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr, SILU: tl.constexpr = False):
+    """x [NB, BM, 32] of the rows at `rows` ([1, BM, 1] pointers), 0 past K and where not row_ok.
     BLOCKS: each 32-block whole in one thread (four 16-byte loads whose lanes walk the blocks,
     joined in registers), so `_fwht32` and the block amax never leave the thread.
     SILU: x = silu_mul(gate, up) of gate_up rows (`_load_x`)."""
     if BLOCKS:
-        p = rows + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, None, :]
-        ok = row_ok & (k0 + tl.arange(0, NB) * 32 < K)[:, None, None]
+        p = rows + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, None, :]
+        ok = row_ok & (tl.arange(0, NB) * 32 < K)[:, None, None]
         x = tl.join(tl.join(_load_x(p, ok, K, SILU), _load_x(p + 8, ok, K, SILU)),
                     tl.join(_load_x(p + 16, ok, K, SILU), _load_x(p + 24, ok, K, SILU)))
         x = tl.reshape(tl.permute(x, (0, 1, 4, 3, 2)), [NB, BM, 32])  # [.., k, a|b, ab|cd] -> 16 ab|cd + 8 a|b + k
     else:
-        cols = k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+        cols = tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
         x = _load_x(rows + cols, row_ok & (cols < K), K, SILU)
     return x
 
 
 @triton.jit
-def _store_rows(rows, v, row_ok, k0, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr):
+def _store_rows(rows, v, row_ok, K, NB: tl.constexpr, BM: tl.constexpr, BLOCKS: tl.constexpr):
     """Stores v [NB, BM, 32] as `_load_rows` loads; BLOCKS: two 16-element stores per block from
     the thread that holds it (no layout conversion)."""
     if BLOCKS:
         lo, hi = tl.split(tl.permute(tl.reshape(v, [NB, BM, 2, 16]), (0, 1, 3, 2)))
-        p = rows + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 16)[None, None, :]
-        ok = row_ok & (k0 + tl.arange(0, NB) * 32 < K)[:, None, None]
+        p = rows + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 16)[None, None, :]
+        ok = row_ok & (tl.arange(0, NB) * 32 < K)[:, None, None]
         tl.store(p, lo, mask=ok)
         tl.store(p + 16, hi, mask=ok)
     else:
-        cols = k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+        cols = tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
         tl.store(rows + cols, v, mask=row_ok & (cols < K))
 
 
@@ -298,27 +296,17 @@ def _store_rows(rows, v, row_ok, k0, K, NB: tl.constexpr, BM: tl.constexpr, BLOC
 def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_qm,
                               HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
                               ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr = "fast", HAD: tl.constexpr = False,
-                              PLAIN: tl.constexpr = False, SILU: tl.constexpr = False, NB1: tl.constexpr = 0,
-                              NB2: tl.constexpr = 0):
-    """MODE_FP8 in one pass: a program holds BM whole rows in registers, so x is read once: row
-    max exponent, codes and the e4m3 operand from the same registers. Writes the int32 row
-    exponent and the float32 row scale 2^(E - 6). A row is one tile of NBP blocks (a power of
-    two >= K/32, padded) or, with NB1/NB2 > 0, up to three power-of-two tiles of NBP, NB1 and
-    NB2 blocks side by side (`row_chunks`: 448 = 256 + 128 + 64), so no padded block is
-    rotated and quantized. HAD (Rotation.hadamard): rotate by `_fwht32` on a block-per-thread
-    tile. SILU: x is silu_mul of the gate_up rows at x_ptr."""
+                              PLAIN: tl.constexpr = False, SILU: tl.constexpr = False):
+    """MODE_FP8 in one pass: a program holds BM whole rows ([NBP >= K/32 blocks, BM, 32] in
+    registers), so x is read once: row max exponent, codes and the e4m3 operand from the same
+    registers. Writes the int32 row exponent and the float32 row scale 2^(E - 6).
+    HAD (Rotation.hadamard): rotate by `_fwht32` on a block-per-thread tile. SILU: x is
+    silu_mul of the gate_up rows at x_ptr."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    rows = x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm
-    row_ok = (offs_m < M)[None, :, None]
-    x = _load_rows(rows, row_ok, 0, K, NBP, BM, HAD, SILU)
-    x1 = x
-    x2 = x
-    if NB1 > 0:
-        x1 = _load_rows(rows, row_ok, NBP * 32, K, NB1, BM, HAD, SILU)
-    if NB2 > 0:
-        x2 = _load_rows(rows, row_ok, (NBP + NB1) * 32, K, NB2, BM, HAD, SILU)
+    x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], K,
+                   NBP, BM, HAD, SILU)
     _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
-                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD, PLAIN, x1, x2, NB1, NB2)
+                  HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD, PLAIN)
 
 
 @triton.jit
@@ -359,43 +347,25 @@ def _fp8_from_rotated(y, e, erow, ROUND: tl.constexpr, c=1.0):
 
 
 @triton.jit
-def _rotated_exponents(x, r_ptr, rs_ptr, c, BM: tl.constexpr, NB: tl.constexpr, HAS_R: tl.constexpr,
-                       SIGN: tl.constexpr, ROT_PRECISION: tl.constexpr, HAD: tl.constexpr, PLAIN: tl.constexpr):
-    """A tile of whole blocks x [NB, BM, 32] -> (rotated y, block exponents [NB, BM])."""
-    if HAD:
-        y = _fwht32(x, rs_ptr, NB, BM, PLAIN)
-    else:
-        y = _rotate(x, r_ptr, tl.arange(0, NB), tl.arange(0, 32), 0, 0, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
-    return y, _block_exponent(tl.max(tl.abs(y), axis=2) * c)
-
-
-@triton.jit
 def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
                   HAS_R: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
                   ROT_PRECISION: tl.constexpr, ROUND: tl.constexpr, HAD: tl.constexpr = False,
-                  PLAIN: tl.constexpr = False, x1=None, x2=None, NB1: tl.constexpr = 0, NB2: tl.constexpr = 0):
-    """The one-pass FP8 math on whole rows x [NBP, BM, 32] (shared by the row kernels), or on
-    rows split in tiles x, x1 [NB1, BM, 32], x2 [NB2, BM, 32] (NB1/NB2 > 0) that share one row
-    exponent. HAD: y = x @ (R/c) by `_fwht32`; c is folded into the block scale (amax(|y|) * c
-    rounds like max |y * c|, monotone), saving the per-element * c."""
-    c = tl.abs(tl.load(r_ptr).to(tl.float32)) if HAD else 1.0
-    y, e = _rotated_exponents(x, r_ptr, rs_ptr, c, BM, NBP, HAS_R, SIGN, ROT_PRECISION, HAD, PLAIN)
+                  PLAIN: tl.constexpr = False):
+    """The one-pass FP8 math on whole rows x [NBP, BM, 32] (shared by the row kernels).
+    HAD: y = x @ (R/c) by `_fwht32`; c is folded into the block scale (amax(|y|) * c rounds
+    like max |y * c|, monotone), saving the per-element * c."""
+    if HAD:
+        y = _fwht32(x, rs_ptr, NBP, BM, PLAIN)
+        c = tl.abs(tl.load(r_ptr).to(tl.float32))
+    else:
+        y = _rotate(x, r_ptr, tl.arange(0, NBP), tl.arange(0, 32), 0, 0, BM, NBP, HAS_R, ROT_PRECISION, SIGN,
+                    rs_ptr)
+        c = 1.0
+    e = _block_exponent(tl.max(tl.abs(y), axis=2) * c)  # [NBP, BM]
     erow = tl.max(e, axis=0)  # [BM]
-    if NB1 > 0:
-        y1, e1 = _rotated_exponents(x1, r_ptr, rs_ptr, c, BM, NB1, HAS_R, SIGN, ROT_PRECISION, HAD, PLAIN)
-        erow = tl.maximum(erow, tl.max(e1, axis=0))
-    if NB2 > 0:
-        y2, e2 = _rotated_exponents(x2, r_ptr, rs_ptr, c, BM, NB2, HAS_R, SIGN, ROT_PRECISION, HAD, PLAIN)
-        erow = tl.maximum(erow, tl.max(e2, axis=0))
-    rows = q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm
-    row_ok = (offs_m < M)[None, :, None]
-    _store_rows(rows, _fp8_from_rotated(y, e, erow, ROUND, c).to(tl.float8e4nv), row_ok, 0, K, NBP, BM, HAD)
-    if NB1 > 0:
-        _store_rows(rows, _fp8_from_rotated(y1, e1, erow, ROUND, c).to(tl.float8e4nv), row_ok, NBP * 32, K, NB1,
-                    BM, HAD)
-    if NB2 > 0:
-        _store_rows(rows, _fp8_from_rotated(y2, e2, erow, ROUND, c).to(tl.float8e4nv), row_ok, (NBP + NB1) * 32, K,
-                    NB2, BM, HAD)
+    v = _fp8_from_rotated(y, e, erow, ROUND, c)
+    _store_rows(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm, v.to(tl.float8e4nv),
+                (offs_m < M)[None, :, None], K, NBP, BM, HAD)
     tl.store(e_ptr + offs_m, erow, mask=offs_m < M)
     tl.store(sc_ptr + offs_m, _row_scale(erow), mask=offs_m < M)
 
@@ -413,13 +383,13 @@ def _act_quant_fp8_persist_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M,
     n_tiles = tl.cdiv(M, BM)
     offs_r = tl.arange(0, BM)
     offs_m = pid * BM + offs_r
-    x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], 0, K,
+    x = _load_rows(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (offs_m < M)[None, :, None], K,
                    NBP, BM, HAD)
     for t in range(pid, n_tiles, nprog):
         offs_m = t * BM + offs_r
         offs_n = offs_m + nprog * BM
         x_next = _load_rows(x_ptr + offs_n.to(tl.int64)[None, :, None] * stride_xm, (offs_n < M)[None, :, None],
-                            0, K, NBP, BM, HAD)
+                            K, NBP, BM, HAD)
         _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm,
                       HAS_R, SIGN, BM, NBP, ROT_PRECISION, ROUND, HAD, PLAIN)
         x = x_next
@@ -582,18 +552,6 @@ def sm_count(device) -> int:
     return _sm_count_idx(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def row_chunks(kb: int) -> tuple[int, int, int]:
-    """A row of kb blocks as up to three power-of-two tiles (the row kernel's NBP, NB1, NB2; 0:
-    absent): the two highest bits of kb, then the rest rounded up to a power of two, so only a
-    kb with more than three bits set rotates padded blocks (Llama's 14336 / 32 = 448 = 256 +
-    128 + 64: none, where one tile of 512 pads 64)."""
-    c0 = 1 << (kb.bit_length() - 1)
-    rest = kb - c0
-    c1 = 1 << (rest.bit_length() - 1) if rest else 0
-    rest -= c1
-    return c0, c1, triton.next_power_of_2(rest) if rest else 0
-
-
 def default_fp8_impl(M: int, K: int, r_bstride: int = 0) -> str:
     """MODE_FP8 kernel choice (round 3, H100 measurements in benchmarks/NOTES-kernels.md)."""
     # measured (8192 rows, fast rounding): row 134/194 us (K=14336 none/+-1 R), persist 187/227,
@@ -608,8 +566,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                         num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
                         with_scale: bool = False, fp8_impl: str | None = None,
                         programs_per_sm: int | None = None, rounding: str = "bits",
-                        launch_dependents: bool = False, pdl: bool = False, silu: bool = False,
-                        split_rows: bool = True):
+                        launch_dependents: bool = False, pdl: bool = False, silu: bool = False):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     (MODE_PAIRS: float16 [M, K] in `pairs_order`, scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
@@ -628,10 +585,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     its launch overlaps that kernel's tail. Ignored by the interpreter.
     silu: x is vLLM's gate_up [M, 2K] and the quantized activation is silu_mul(gate, up) [M, K]
     (the input of down_proj), computed in the kernel's loads (not with the persistent or
-    two-phase FP8 kernels).
-    split_rows (MODE_FP8 'row', no rotation or a Hadamard one): a row of K/32 blocks that is not
-    a power of two is held as up to three power-of-two tiles (`row_chunks`) instead of one
-    padded tile; False: padded (rounds 3-10, kept for comparison)."""
+    two-phase FP8 kernels)."""
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     if silu:
@@ -661,17 +615,14 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
         args = (x, r if r is not None else x, rs)
         if fp8_impl in ("row", "persist"):
             nbp = triton.next_power_of_2(K // 32)
-            chunks = {}
             if fp8_impl == "row":
-                # measured on H100 (8192 rows): K=14336 best at 1 row / 8 warps, K=4096 at 2 rows / 4 warps
+                # measured on H100 (8192 rows): K=14336 best at 1 row / 8 warps, K=4096 at 2 rows / 4 warps;
+                # with SiLU-mul in the loads (two rows of loads per row) K=14336 at 1 row / 16 warps:
+                # 242-244 vs 261-268 us at 8192 rows, 40.6-41.7 vs 41.3-43.6 at 1024 (act_quant_sweep.py)
                 bm = block_m or max(1 if nbp >= 256 else 2, 16 // nbp)
-                warps = num_warps or (8 if nbp >= 256 else 4)
+                warps = num_warps or (16 if silu and nbp >= 512 else 8 if nbp >= 256 else 4)
                 grid = (triton.cdiv(M, bm),)
                 kern = _act_quant_fp8_row_kernel
-                had = isinstance(input_rotation, Rotation) and input_rotation.hadamard
-                if split_rows and nbp != K // 32 and (r is None or had):  # (the dot wants tiles of >= 16 rows)
-                    nbp, nb1, nb2 = row_chunks(K // 32)
-                    chunks = dict(NB1=nb1, NB2=nb2)
             else:
                 bm = block_m or PERSIST_CFG.get(nbp, (max(1, 16 // nbp), 4, 2))[0]
                 warps = num_warps or PERSIST_CFG.get(nbp, (1, 4, 2))[1]
@@ -682,7 +633,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                        SIGN=sign is not None, BM=bm, NBP=nbp, ROT_PRECISION=rot_precision, ROUND=rounding,
                        HAD=isinstance(input_rotation, Rotation) and input_rotation.hadamard,
                        PLAIN=isinstance(input_rotation, Rotation) and input_rotation.plain, num_warps=warps,
-                       **({"SILU": True} if silu else {}), **chunks)
+                       **({"SILU": True} if silu else {}))
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl == "two_phase":
             bm = block_m or (16 if M > 16 else triton.next_power_of_2(M))

@@ -67,11 +67,7 @@ ACT_CASES = {
 ACT_CASES["act_quant_silu"] = (  # down_proj's input: SiLU-mul in the loads, with the FWHT (row) or the dot (2D)
     aq._act_quant_fp8_row_kernel, dict(ACT, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
     [dict(HAS_R=True, SIGN=True, BM=1, NBP=512, ROT_PRECISION="tf32x3", ROUND="bits", HAD=True, PLAIN=True,
-          SILU=True, num_warps=8)])
-ACT_CASES["act_quant_fp8_split_rows"] = (  # K = 14336 as 256 + 128 + 64 blocks (act_quant.row_chunks)
-    aq._act_quant_fp8_row_kernel, dict(ACT, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
-    [dict(HAS_R=had, SIGN=had, BM=1, NBP=256, NB1=128, NB2=64, ROT_PRECISION="tf32x3", ROUND="bits", HAD=had,
-          PLAIN=had, SILU=silu, num_warps=w) for had in (False, True) for silu in (False, True) for w in (8, 16)])
+          SILU=True, num_warps=w) for w in (8, 16)])
 ACT_CASES["act_quant_2d_silu"] = (aq._act_quant_kernel, dict(ACT, q_ptr="*fp16", s_ptr="*u8"),
                                   [dict(R_BSTRIDE=0, HAS_R=True, MODE=aq.MODE_PAIRS, BM=1, NB=16,
                                         ROT_PRECISION="tf32x3", SIGN=True, LAUNCH_DEPENDENTS=True, SILU=True)])

@@ -114,13 +114,12 @@ def _run(name, seed):
                 assert r.sign is not None
                 q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4, nb=2)
                 assert torch.equal(q, q0) and torch.equal(s, s0)
-            impls = ("row", "row_padded", "persist", "two_phase") if rr is None or rr.dim() == 2 else ("two_phase",)
+            impls = ("row", "persist", "two_phase") if rr is None or rr.dim() == 2 else ("two_phase",)
             for impl, rounding in [(i, "fast") for i in impls] + [(impls[0], "bits"), (impls[-1], "compare")]:
                 # persist with 1 program: it walks every row tile, prefetching the next
                 kw = dict(programs_per_sm=1, block_m=2) if impl == "persist" else {}
                 kw.update(nb=2) if impl == "two_phase" else None
-                kw.update(split_rows=False) if impl == "row_padded" else None  # K/32 = 6: one tile of 8 blocks
-                f, e, sc = aq.quantize_activation(x, r, aq.MODE_FP8, with_scale=True, fp8_impl=impl.removesuffix("_padded"),
+                f, e, sc = aq.quantize_activation(x, r, aq.MODE_FP8, with_scale=True, fp8_impl=impl,
                                                   rounding=rounding, **kw)
                 assert torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float()), (impl, rounding)
                 assert torch.equal(f.float(), f0) and torch.equal(e, e0), (impl, rounding)
@@ -128,15 +127,6 @@ def _run(name, seed):
                 assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)), (impl, rounding)
             f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2, fp8_impl="walk")
             assert torch.equal(f.float(), f0) and torch.equal(e, e0)
-        # K/32 = 7: three tiles (4 + 2 + 1 blocks) sharing one row exponent, the row max in each in turn
-        x7 = _inputs(seed + 1, 5, 224, 1)[0]
-        for i, j in enumerate((5, 140, 200)):
-            x7[i + 1, j] = 3000.0
-        for r in (None, aq.Rotation.prepare(hadamard(32).float()), aq.Rotation.prepare(rots[1][:32, :32])):
-            q0, s0 = ref.quantize_activation_reference(x7, None if r is None else r.r)
-            f0, e0 = ref.fp8_reencode_reference(q0, s0)
-            f, e = aq.quantize_activation(x7, r, aq.MODE_FP8, fp8_impl="row")
-            assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)) and torch.equal(e, e0)
         return
     wp, ws = mxfp4.quantize(w)
     r = rots[1]
