@@ -83,13 +83,12 @@ def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm
     if WAIT_PRIMARY:  # launched as a programmatic dependent: x is complete only after the wait
         gdc_wait()
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    k0 = tl.program_id(1) * NB * 32
-    # this program's chunk first, so its loads are in flight with the whole row's (one round trip, not two)
-    h = _load_sum(x_ptr, r_ptr, o_ptr, offs_m, k0, M, K, stride_xm, stride_rm, stride_om, NB, HAS_RES, True)
     ss = tl.zeros([BM], dtype=tl.float32)
     for k in range(0, K, SUM_NB * 32):  # one load for rows up to SUM_NB blocks (a loop's loads do not overlap)
         ss += _sum_squares(_load_sum(x_ptr, r_ptr, o_ptr, offs_m, k, M, K, stride_xm, stride_rm, stride_om,
                                      SUM_NB, HAS_RES, False))
+    k0 = tl.program_id(1) * NB * 32
+    h = _load_sum(x_ptr, r_ptr, o_ptr, offs_m, k0, M, K, stride_xm, stride_rm, stride_om, NB, HAS_RES, True)
     e, code = _block_codes(_normalize(h, ss, w_ptr, k0, K, eps, NB))
     store_pairs(q_ptr, s_ptr, e, code, offs_m, k0, M, K, stride_qm, stride_sm, NB)
 
