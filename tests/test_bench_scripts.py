@@ -37,7 +37,9 @@ def test_decode_profile_categories():
     c = profile_decode.category
     assert c("_gemv_a4_kernel") == "brq GEMM"
     assert c("_gemv_a4_persist_kernel") == "brq GEMM"
-    assert c("_act_quant_kernel") == "activation quantization"
+    act = "activation quantization (with the fused RMSNorm / SiLU-mul)"
+    assert c("_act_quant_kernel") == act
+    assert c("_norm_pairs_kernel") == act and c("_norm_fp8_row_kernel") == act  # round 10's fused producers
     assert c("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<") == "attention"
     assert c("void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>") == "attention"
     assert c("nvjet_sm90_tst_384x8_64x4_2x1_v_bz_TNT") == "other GEMM (lm_head, bf16/FP8 linears)"
