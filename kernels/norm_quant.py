@@ -94,12 +94,14 @@ def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm
 
 
 def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, mode: int,
-                      rounding: str = "bits", launch_dependents: bool = False, pdl: bool = False):
+                      rounding: str = "bits", launch_dependents: bool = False, pdl: bool = False,
+                      nb: int | None = None, num_warps: int | None = None):
     """x [M, K] (+ residual [M, K]) -> RMSNorm with `weight` [K] -> MXFP4 as act_quant's `mode`:
     MODE_FP8: (e4m3 [M, K], row exponents int32 [M], float32 row scales [M, 1], residual_out);
     MODE_PAIRS: (float16 [M, K] in pairs_order, E8M0 scales uint8 [M, K/32], residual_out).
     residual_out = x + residual in x's dtype (None without a residual). launch_dependents /
-    pdl (MODE_PAIRS) as act_quant.quantize_activation's."""
+    pdl (MODE_PAIRS) as act_quant.quantize_activation's; nb / num_warps (MODE_PAIRS): blocks per
+    program and warps, for launch-shape measurements (benchmarks/norm_pairs_sweep.py)."""
     M, K = x.shape
     if K % 32:
         raise ValueError(f"activation quantization needs K % 32 == 0, got {K}")
@@ -127,10 +129,10 @@ def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     q = torch.empty(M, K, dtype=torch.float16, device=x.device)
     s = torch.empty(M, K // 32, dtype=torch.uint8, device=x.device)
     bm = 16 if M > 16 else triton.next_power_of_2(M)
-    nb = max(4, 16 // bm)
+    nb = nb or max(4, 16 // bm)
     _norm_pairs_kernel[(triton.cdiv(M, bm), triton.cdiv(K, nb * 32))](
         x, *r_args, weight, q, s, M, K, x.stride(0), *r_strides, q.stride(0), s.stride(0), eps,
         HAS_RES=res is not None, BM=bm, NB=nb, SUM_NB=min(triton.next_power_of_2(K // 32), 256 // bm),
         LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
-        num_warps=4, **_pdl_launch(pdl and not _interpreting()))
+        num_warps=num_warps or 4, **_pdl_launch(pdl and not _interpreting()))
     return q, s, out
