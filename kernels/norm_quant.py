@@ -130,9 +130,11 @@ def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     s = torch.empty(M, K // 32, dtype=torch.uint8, device=x.device)
     bm = 16 if M > 16 else triton.next_power_of_2(M)
     nb = nb or max(4, 16 // bm)
+    # M = 1 on 8 warps: the norm + qkv decode segment 9.3-9.4 vs 10.3-10.4 us with 4 (H100, three runs,
+    # benchmarks/norm_pairs_sweep.py); the whole-row sum of squares is spread over twice the threads
     _norm_pairs_kernel[(triton.cdiv(M, bm), triton.cdiv(K, nb * 32))](
         x, *r_args, weight, q, s, M, K, x.stride(0), *r_strides, q.stride(0), s.stride(0), eps,
         HAS_RES=res is not None, BM=bm, NB=nb, SUM_NB=min(triton.next_power_of_2(K // 32), 256 // bm),
         LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
-        num_warps=num_warps or 4, **_pdl_launch(pdl and not _interpreting()))
+        num_warps=num_warps or (8 if bm == 1 else 4), **_pdl_launch(pdl and not _interpreting()))
     return q, s, out
