@@ -77,8 +77,8 @@ ACT_CASES.update({
                      [dict(HAS_RES=res, BM=bm, NBP=nbp, ROUND="bits", num_warps=w)
                       for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for res in (False, True)]),
     "norm_pairs": (nq._norm_pairs_kernel, dict(NORM, q_ptr="*fp16", s_ptr="*u8"),
-                   [dict(HAS_RES=res, BM=1, NB=16, SUM_NB=128, LAUNCH_DEPENDENTS=res, WAIT_PRIMARY=res)
-                    for res in (False, True)] + [dict(HAS_RES=True, BM=16, NB=4, SUM_NB=128, LAUNCH_DEPENDENTS=False)]),
+                   [dict(HAS_RES=res, BM=1, NB=16, SUM_NB=128, LAUNCH_DEPENDENTS=res, WAIT_PRIMARY=res, num_warps=w)
+                    for res in (False, True) for w in (4, 8)] + [dict(HAS_RES=True, BM=16, NB=4, SUM_NB=128, LAUNCH_DEPENDENTS=False)]),
 })
 
 
