@@ -85,6 +85,9 @@ def _run(name, seed):
             # the float32 sum of squares runs in another order than torch's mean: a code may move on a tie
             assert (f.float() != f0.float()).sum() <= 2 and torch.equal(e, e0) and torch.equal(c, c0)
             assert (p.view(torch.int16) != p0.view(torch.int16)).sum() <= 2 and (s != s0).sum() <= 1
+            for nb in (2, 4):  # other launch shapes (norm_pairs_sweep.py): the same operand
+                got = nq.rms_norm_quantize(xh, r, nw, 1e-5, aq.MODE_PAIRS, nb=nb, num_warps=8)
+                assert torch.equal(got[0], p) and torch.equal(got[1], s), nb
         return
     if name == "silu_quant":  # SiLU-mul of gate_up computed in the act-quant's loads (down_proj's input)
         gu = torch.cat([x.half(), (x.float().flip(0) * 0.5).half()], 1)  # [M, 2K], outliers in both halves
