@@ -31,7 +31,7 @@ from vllm_brq.kernels import dispatch, gemm  # noqa: E402
 from vllm_brq.kernels import norm_quant as nq  # noqa: E402
 
 EPS = 1e-5
-LAUNCHES = list(itertools.product((2, 4, 8, 16), (1, 2, 4, 8)))  # (blocks per program, warps)
+LAUNCHES = list(itertools.product((2, 4, 8, 16, 32, 128), (1, 2, 4, 8, 16)))  # (blocks per program, warps)
 
 
 def main() -> None:
