@@ -212,3 +212,5 @@ def test_fused_producers_reject_bad_shapes_before_launching():
         nq.rms_norm_quantize(torch.zeros(2, 64), torch.zeros(3, 64), torch.ones(64), 1e-5, aq.MODE_FP8)
     with pytest.raises(ValueError, match="weight"):
         nq.rms_norm_quantize(torch.zeros(2, 64), None, torch.ones(32), 1e-5, aq.MODE_PAIRS)
+    with pytest.raises(ValueError, match="nb .* power of two, got 3"):
+        nq.rms_norm_quantize(torch.zeros(2, 64), None, torch.ones(64), 1e-5, aq.MODE_PAIRS, nb=3)
