@@ -353,16 +353,22 @@ _PAIRS_DECODE = """
 """
 
 
-def _block_dot_asm(decode: str = _PAIRS_DECODE) -> str:
+def _block_dot_asm(decode: str = _PAIRS_DECODE, accs: int = 1) -> str:
     """PTX for one 32-block: operands $1..$4 the weight words, $5..$20 the activation fp16x2
     registers (word-major, 4 per word), result $0 the float32 block sum. `decode` turns $WORD
-    into fp16x2 d0..d3 (scratch: t, u, lo, hi; benchmarks/gemv_issue_probe.py times others)."""
-    body = ["{", ".reg .b32 t, u, d0, d1, d2, d3, acc;", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;", "mov.b32 acc, 0;"]
+    into fp16x2 d0..d3 (scratch: t, u, lo, hi; benchmarks/gemv_issue_probe.py times others).
+    accs: fp16x2 accumulators (word w into acc w % accs), summed in float32 at the end."""
+    regs = ", ".join(f"acc{i}" for i in range(accs))
+    body = ["{", f".reg .b32 t, u, d0, d1, d2, d3, {regs};", ".reg .b16 lo, hi;", ".reg .f32 f0, f1, f2;"]
+    body += [f"mov.b32 acc{i}, 0;" for i in range(accs)]
     for w in range(4):
         body.append(decode.replace("$WORD", f"${1 + w}"))
         for k in range(4):
-            body.append(f"fma.rn.f16x2 acc, d{k}, ${5 + 4 * w + k}, acc;")
-    body += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 $0, f0, f1;", "}"]
+            body.append(f"fma.rn.f16x2 acc{w % accs}, d{k}, ${5 + 4 * w + k}, acc{w % accs};")
+    for i in range(accs):
+        body += [f"mov.b32 {{lo, hi}}, acc{i};", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;"]
+        body.append("add.f32 f2, f0, f1;" if i == 0 else "add.f32 f0, f0, f1; add.f32 f2, f2, f0;")
+    body += ["mov.b32 $0, f2;", "}"]
     return "\n".join(body)
 
 
@@ -428,7 +434,7 @@ def _w_tile_load(w_tile, s_tile, kb, KB, NBK: tl.constexpr, offs_b, EVEN_K: tl.c
 
 @triton.jit
 def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
-             BM: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+             BM: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, ACT: tl.constexpr = 0):
     """gemv_a4's math on one weight tile (words p [BN, NBK, 4], scales s [BN, NBK]) at block kb,
     for each of the BM activation rows: returns acc1 (BM = 1: per-thread partial sums) and
     acc ([BM, BN]), updated."""
@@ -442,10 +448,15 @@ def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs
         mr = tl.minimum(M - 1, m)  # rows m >= M read row M-1 (not stored)
         a_blk = a_ptr + mr * stride_am + kb * 16 + a_tile  # full shape: loaded in the weights' layout
         a_ok = b_ok[None, :, None]
-        a0, a1, a2, a3 = _split4(tl.load(a_blk, mask=a_ok, other=0))
-        a4, a5, a6, a7 = _split4(tl.load(a_blk + 4, mask=a_ok, other=0))
-        a8, a9, a10, a11 = _split4(tl.load(a_blk + 8, mask=a_ok, other=0))
-        a12, a13, a14, a15 = _split4(tl.load(a_blk + 12, mask=a_ok, other=0))
+        QS = 4 * a_tile.shape[1] if ACT == 1 else 4  # ACT 1: quad-major pairs (probe)
+        if ACT == 2:
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = (
+                w0, w1, w2, w3, w0, w1, w2, w3, w0, w1, w2, w3, w0, w1, w2, w3)
+        else:
+            a0, a1, a2, a3 = _split4(tl.load(a_blk, mask=a_ok, other=0))
+            a4, a5, a6, a7 = _split4(tl.load(a_blk + QS, mask=a_ok, other=0))
+            a8, a9, a10, a11 = _split4(tl.load(a_blk + 2 * QS, mask=a_ok, other=0))
+            a12, a13, a14, a15 = _split4(tl.load(a_blk + 3 * QS, mask=a_ok, other=0))
         sa = tl.load(as_ptr + mr * stride_asm + kb + offs_b, mask=b_ok, other=0).to(tl.int32)
         if USE_ASM:
             part = tl.inline_asm_elementwise(
@@ -469,7 +480,8 @@ def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs
 @triton.jit
 def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_asm,
                     stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                    NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                    ACT: tl.constexpr = 0):
     """Round 5 decode (W4A4, M <= 4). Both operands are E2M1 inside a 32-block, so a block's
     dot product is exact in fp16: the weight nibbles become fp16 E2M1 * 2^-14 by shifts and
     masks on whole int32 words (8 nibbles, 4 fp16x2 registers), the activation arrives
@@ -492,7 +504,7 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     KB = K // 32
     w_tile = w_ptr + rows[:, None, None] * stride_wn + offs_b[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     s_tile = ws_ptr + rows[:, None] * stride_sn + offs_b[None, :]
-    a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (rows * 0).to(tl.int32)[:, None, None]
+    a_tile = (offs_b[None, :, None] * (4 if ACT == 1 else 16) + tl.arange(0, 4)[None, None, :]) + (rows * 0).to(tl.int32)[:, None, None]
     # two tiles in flight: this one and the next (tiles past the end re-read the last one: no masks)
     p, s = _w_tile_load(w_tile, s_tile, 0, KB, NBK, offs_b, EVEN_K, USE_ASM)
     p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
@@ -503,7 +515,7 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     for kb in range(0, KB, NBK):
         p2, s2 = _w_tile_load(w_tile, s_tile, kb + 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
         acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
-                             BM, EVEN_K, USE_ASM)
+                             BM, EVEN_K, USE_ASM, ACT)
         p, s, p1, s1 = p1, s1, p2, s2
     if BM == 1:
         acc = tl.sum(acc1, axis=1)[None, :]
@@ -544,7 +556,7 @@ def _a4_next_tile(w, sc, rt, kt, KT, nprog, w_ptr, ws_ptr, N, stride_wn, stride_
 @triton.jit
 def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K, stride_wn, stride_sn,
                             HAS_BIAS: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr, PPS: tl.constexpr,
-                            USE_ASM: tl.constexpr, PDL: tl.constexpr):
+                            USE_ASM: tl.constexpr, PDL: tl.constexpr, ACT: tl.constexpr = 0):
     """gemv_a4 at M = 1 as a persistent kernel (PPS programs per SM, read by the launcher): one
     flat loop over this program's (row tile, K tile) steps keeps two weight tiles in flight
     across row-tile boundaries, so a program does not drain and refill the memory pipeline
@@ -557,7 +569,7 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
     offs_bn = tl.arange(0, BN)
     offs_b = tl.arange(0, NBK)
     offs_mm = tl.arange(0, 1)
-    a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (offs_bn * 0)[:, None, None]
+    a_tile = (offs_b[None, :, None] * (4 if ACT == 1 else 16) + tl.arange(0, 4)[None, None, :]) + (offs_bn * 0)[:, None, None]
     rt, kt = pid, 0  # the step computed now
     w, sc = _a4_tile_ptrs(w_ptr, ws_ptr, rt, N, stride_wn, stride_sn, offs_bn, offs_b)
     p, s = tl.load(w), _load_u8(sc, USE_ASM)
@@ -573,7 +585,7 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
                                           offs_bn, offs_b, NBK)
         p2, s2 = tl.load(wl), _load_u8(scl, USE_ASM)
         acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kt * NBK, K // 32, 1, 0, 0, a_tile, offs_b, offs_mm, acc1, acc,
-                             1, True, USE_ASM)
+                             1, True, USE_ASM, ACT)
         if kt == KT - 1:  # the row tile is complete
             _store(c_ptr, tl.sum(acc1, axis=1)[None, :], offs_mm, rt * BN + offs_bn, 1, N, 0, bias_ptr, HAS_BIAS)
             acc1 = tl.zeros([BN, NBK], dtype=tl.float32)
@@ -585,7 +597,7 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
 
 
 def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
-            use_asm=None, pdl=False, persistent=False, programs=None):
+            use_asm=None, pdl=False, persistent=False, programs=None, act=0):
     """W4A4 decode: MXFP4 activation in the act-quant's MODE_PAIRS (float16 [M <= GEMV_MAX_M, K]
     + E8M0 [M, K/32]) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product up to
     float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel).
@@ -616,7 +628,7 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
         sms = sm_count(a_pairs.device)
         launch(lambda meta: (min(triton.cdiv(N, meta["BN"]), programs or sms * meta["PPS"]),))(
             a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, N, K, w32.stride(0),
-            weight_scale.stride(0), HAS_BIAS=bias is not None, USE_ASM=use_asm, PDL=pdl, **cfg)
+            weight_scale.stride(0), HAS_BIAS=bias is not None, USE_ASM=use_asm, PDL=pdl, ACT=act, **cfg)
         return c
     launch, cfg = _launcher(_gemv_a4_kernel, config)
     if pdl:
@@ -624,7 +636,7 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
     launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
         a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
         a32.stride(0), a_scale.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, **cfg)
+        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, ACT=act, **cfg)
     return c
 
 
