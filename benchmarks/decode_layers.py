@@ -78,6 +78,8 @@ def shape_parts(layers, name: str) -> dict[str, float]:
     parts.update({
              "act-quant alone": timed(lambda op, p: aq.quantize_activation(op[3], op[2], aq.MODE_PAIRS)),
              "gemv_a4 alone, autotuned": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1])),
+             "gemv_a4 alone, two-tile loop": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1],
+                                                                             oneshot=False)),
              "gemv_a4 alone, persistent": timed(lambda op, p: gemm.gemv_a4(p[0], p[1], op[0], op[1],
                                                                           persistent=True))})
     for label, cfg in pinned_configs().items():
@@ -122,6 +124,7 @@ def main() -> None:
                 "BRQ_PDL=0 BRQ_GEMV_PERSIST=0 (round 5)": {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"},
                 "BRQ_PDL=0": {"BRQ_PDL": "0"},
                 "BRQ_PDL=1 (only the gemv a dependent; rounds 6-7)": {"BRQ_PDL": "1"},
+                "BRQ_GEMV_ONESHOT=0 (two tiles in flight at every K; through round 11)": {"BRQ_GEMV_ONESHOT": "0"},
                 "BRQ_GEMV_PERSIST=0": {"BRQ_GEMV_PERSIST": "0"},
                 "BRQ_GEMV_PERSIST=1 (persistent on every shape)": {"BRQ_GEMV_PERSIST": "1"}}
     for label, env in variants.items():

@@ -63,7 +63,7 @@ def measure(variant: str, layers: int) -> dict:
     for name, (N, K) in SHAPES.items():
         ws = [mxfp4.quantize(torch.randn(N, K, device="cuda", generator=gen) * 0.02) for _ in range(layers)]
         xp, xs = aq.quantize_activation(outlier_x(1, K, gen), None, aq.MODE_PAIRS)
-        persist = dispatch.gemv_persistent(N)
+        persist = dispatch.gemv_persistent(N, K)
         for label, cfg in (("autotuned", None), ("BN=4 NBK=32 warps=4", dict(BN=4, NBK=32, num_warps=4, num_stages=1))):
             fns = [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist and cfg is None, config=cfg)
                    for w in ws]

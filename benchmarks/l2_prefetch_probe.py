@@ -82,7 +82,7 @@ def shape_rows(N: int, K: int, layers: int, cyc_per_us: float, gen) -> dict:
     """One weight shape: the GEMV cold, hot, and after each (window, prefetch mode, fraction)."""
     ws = [mxfp4.quantize(torch.randn(N, K, device="cuda", generator=gen) * 0.02) for _ in range(layers)]
     xp, xs = aq.quantize_activation(outlier_x(1, K, gen), None, aq.MODE_PAIRS)
-    persist = dispatch.gemv_persistent(N)
+    persist = dispatch.gemv_persistent(N, K)
     gemv = [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist) for w in ws]
     want = gemv[0]()
     rows = {"gemv alone (cold, back to back)": graph_time(gemv, reps=20) * 1e3,

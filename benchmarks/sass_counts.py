@@ -98,7 +98,8 @@ def main() -> None:
     ptrs = dict(WEIGHTS, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32")
     for bn, nbk, w in ((4, 32, 4), (2, 32, 2)):
         ck = compile_sm90(gemm._gemv_a4_kernel, ptrs, dict(HAS_BIAS=False, BM=1, BN=bn, NBK=nbk, USE_ASM=True,
-                                                           EVEN_K=True, PDL=False), w)
+                                                           EVEN_K=True, PDL=False, ALLOW_ONESHOT=False,
+                                                           ONESHOT=0), w)
         print(f"gemv_a4 BN={bn} NBK={nbk} warps={w}: loop {len(loop_body(sass(ck)))} instructions per iteration")
         ck = compile_sm90(gemm._gemv_a4_persist_kernel, ptrs, dict(HAS_BIAS=False, BN=bn, NBK=nbk, PPS=8, USE_ASM=True,
                                                                    PDL=False), w)

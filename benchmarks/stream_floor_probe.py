@@ -118,11 +118,8 @@ def fit(points: list[tuple[float, float]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--accs", type=int, default=1,
-                    help="gemv_a4's fp16x2 accumulators per block (before its first compile; 1 as shipped)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
-    gemm.BLOCK_DOT_ASM = tl.constexpr(gemm._block_dot_asm(accs=args.accs))
     gen = torch.Generator(device="cuda").manual_seed(0)
     sms = aq.sm_count(torch.device("cuda"))
     L = args.layers
@@ -140,7 +137,7 @@ def main() -> None:
         nbytes = ws[0][0].numel() + ws[0][1].numel()
         bufs = [torch.cat([wp.view(-1), sc.view(-1)]) for wp, sc in ws]
         xp, xs = aq.quantize_activation(outlier_x(1, K, gen), None, aq.MODE_PAIRS)
-        persist = dispatch.gemv_persistent(N)
+        persist = dispatch.gemv_persistent(N, K)
         r = {"bytes": nbytes,
              "gemv_a4": timed([lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist) for w in ws]),
              "gemv_a4, PDL": timed([lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist, pdl=True)
@@ -151,10 +148,6 @@ def main() -> None:
              "gemv_a4 BN=4 NBK=32 warps=4": timed(
                  [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], config=dict(BN=4, NBK=32, num_warps=4, num_stages=1))
                   for w in ws]),
-             "gemv_a4, quad-major activation (timing only)": timed(
-                 [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist, act=1) for w in ws]),
-             "gemv_a4, no activation loads (timing only)": timed(
-                 [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist, act=2) for w in ws]),
              "rows read BN=4 NBK=32 warps=4": timed([lambda w=w: rows_read(w[0], w[1], out) for w in ws]),
              "rows read BN=2 NBK=32 warps=2": timed([lambda w=w: rows_read(w[0], w[1], out, 2, 32, 2)
                                                      for w in ws])}
@@ -172,22 +165,19 @@ def main() -> None:
         r["cublas bf16"] = timed([lambda w=w: torch.matmul(xb, w.t()) for w in wb])
         del wb
         torch.cuda.empty_cache()
-        for key in ("gemv_a4", "gemv_a4, PDL", "gemv_a4, quad-major activation (timing only)",
-                    "gemv_a4, no activation loads (timing only)", "rows read BN=4 NBK=32 warps=4"):
+        for key in ("gemv_a4", "gemv_a4, PDL", "rows read BN=4 NBK=32 warps=4"):
             r[f"{key}: TB/s"] = round(nbytes / r[key] / 1e6, 3)
         r["flat read, best: TB/s"] = round(nbytes / flat[best] / 1e6, 3)
         r["bf16 / gemv_a4"] = round(r["cublas bf16"] / r["gemv_a4"], 3)
         r["bf16 / best read (the M = 1 ceiling of a one-kernel decode)"] = round(r["cublas bf16"] / flat[best], 3)
         per_shape[name] = r
         print(name, json.dumps(r, indent=1), flush=True)
-    for key in ("gemv_a4", "gemv_a4, PDL", "gemv_a4, quad-major activation (timing only)",
-                "gemv_a4, no activation loads (timing only)", "rows read BN=4 NBK=32 warps=4",
-                "rows read BN=2 NBK=32 warps=2"):
+    for key in ("gemv_a4", "gemv_a4, PDL", "rows read BN=4 NBK=32 warps=4", "rows read BN=2 NBK=32 warps=2"):
         fits[key] = fit([(r["bytes"], r[key]) for r in per_shape.values()])
     fits["flat read, best per shape"] = fit([(r["bytes"], r["flat read, best"]["us"]) for r in per_shape.values()])
-    res.update({"accs": args.accs, "sms": sms, "layers": L, "per_shape_us": per_shape, "fits_t_eq_a_plus_bytes_over_bw": fits})
+    res.update({"sms": sms, "layers": L, "per_shape_us": per_shape, "fits_t_eq_a_plus_bytes_over_bw": fits})
     print(json.dumps(fits, indent=1))
-    write_results(args.out, "stream-floor-probe" + (f"-accs{args.accs}" if args.accs != 1 else ""), res)
+    write_results(args.out, "stream-floor-probe", res)
 
 
 if __name__ == "__main__":

@@ -153,14 +153,23 @@ def act_rounding() -> str:
 PERSIST_MIN_N = 16384
 
 
-def gemv_persistent(N: int) -> bool:
-    """Whether the decode gemv_a4 for an N-row weight runs persistent (a few programs per SM walk
+def gemv_oneshot() -> bool:
+    """Whether the M = 1 gemv_a4 requests all of a program's weight tiles at once where K allows
+    (gemm.ONESHOT_MAX_TILES: K <= 4096). BRQ_GEMV_ONESHOT=0: round 5's two tiles in flight."""
+    return os.environ.get("BRQ_GEMV_ONESHOT", "1") not in ("0", "false", "False", "")
+
+
+def gemv_persistent(N: int, K: int) -> bool:
+    """Whether the decode gemv_a4 for an [N, K] weight runs persistent (a few programs per SM walk
     their row tiles, the weight prefetch running across them). BRQ_GEMV_PERSIST: auto (default:
-    N >= PERSIST_MIN_N), 1 (always), 0 (never)."""
+    N >= PERSIST_MIN_N where the one-shot kernel does not apply), 1 (always), 0 (never)."""
+    from vllm_brq.kernels import gemm
+
     mode = os.environ.get("BRQ_GEMV_PERSIST", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"BRQ_GEMV_PERSIST must be 'auto', '0' or '1', got {mode!r}")
-    return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N)
+    oneshot = gemv_oneshot() and K // 32 <= gemm.ONESHOT_MAX_TILES * 32
+    return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N and not oneshot)
 
 
 def w4a16_dequant_enabled() -> bool:
@@ -320,8 +329,9 @@ def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_
     if route == "pairs":
         level = pdl_level() if backend != "sm80" else 0
         xp, xs = quantize(aq.MODE_PAIRS, launch_dependents=level >= 1, pdl=level == 2)[:2]
+        N, K = weight_packed.shape[0], weight_packed.shape[1] * 2
         return gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=out_dtype, pdl=level >= 1,
-                            persistent=gemv_persistent(weight_packed.shape[0]))
+                            persistent=gemv_persistent(N, K), oneshot=gemv_oneshot())
     xf, _, xsc = quantize(aq.MODE_FP8, rounding=act_rounding())[:3]
     return scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, out_dtype)
 

@@ -353,22 +353,16 @@ _PAIRS_DECODE = """
 """
 
 
-def _block_dot_asm(decode: str = _PAIRS_DECODE, accs: int = 1) -> str:
+def _block_dot_asm(decode: str = _PAIRS_DECODE) -> str:
     """PTX for one 32-block: operands $1..$4 the weight words, $5..$20 the activation fp16x2
     registers (word-major, 4 per word), result $0 the float32 block sum. `decode` turns $WORD
-    into fp16x2 d0..d3 (scratch: t, u, lo, hi; benchmarks/gemv_issue_probe.py times others).
-    accs: fp16x2 accumulators (word w into acc w % accs), summed in float32 at the end."""
-    regs = ", ".join(f"acc{i}" for i in range(accs))
-    body = ["{", f".reg .b32 t, u, d0, d1, d2, d3, {regs};", ".reg .b16 lo, hi;", ".reg .f32 f0, f1, f2;"]
-    body += [f"mov.b32 acc{i}, 0;" for i in range(accs)]
+    into fp16x2 d0..d3 (scratch: t, u, lo, hi; benchmarks/gemv_issue_probe.py times others)."""
+    body = ["{", ".reg .b32 t, u, d0, d1, d2, d3, acc;", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;", "mov.b32 acc, 0;"]
     for w in range(4):
         body.append(decode.replace("$WORD", f"${1 + w}"))
         for k in range(4):
-            body.append(f"fma.rn.f16x2 acc{w % accs}, d{k}, ${5 + 4 * w + k}, acc{w % accs};")
-    for i in range(accs):
-        body += [f"mov.b32 {{lo, hi}}, acc{i};", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;"]
-        body.append("add.f32 f2, f0, f1;" if i == 0 else "add.f32 f0, f0, f1; add.f32 f2, f2, f0;")
-    body += ["mov.b32 $0, f2;", "}"]
+            body.append(f"fma.rn.f16x2 acc, d{k}, ${5 + 4 * w + k}, acc;")
+    body += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 $0, f0, f1;", "}"]
     return "\n".join(body)
 
 
@@ -434,7 +428,7 @@ def _w_tile_load(w_tile, s_tile, kb, KB, NBK: tl.constexpr, offs_b, EVEN_K: tl.c
 
 @triton.jit
 def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
-             BM: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, ACT: tl.constexpr = 0):
+             BM: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
     """gemv_a4's math on one weight tile (words p [BN, NBK, 4], scales s [BN, NBK]) at block kb,
     for each of the BM activation rows: returns acc1 (BM = 1: per-thread partial sums) and
     acc ([BM, BN]), updated."""
@@ -448,15 +442,10 @@ def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs
         mr = tl.minimum(M - 1, m)  # rows m >= M read row M-1 (not stored)
         a_blk = a_ptr + mr * stride_am + kb * 16 + a_tile  # full shape: loaded in the weights' layout
         a_ok = b_ok[None, :, None]
-        QS = 4 * a_tile.shape[1] if ACT == 1 else 4  # ACT 1: quad-major pairs (probe)
-        if ACT == 2:
-            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = (
-                w0, w1, w2, w3, w0, w1, w2, w3, w0, w1, w2, w3, w0, w1, w2, w3)
-        else:
-            a0, a1, a2, a3 = _split4(tl.load(a_blk, mask=a_ok, other=0))
-            a4, a5, a6, a7 = _split4(tl.load(a_blk + QS, mask=a_ok, other=0))
-            a8, a9, a10, a11 = _split4(tl.load(a_blk + 2 * QS, mask=a_ok, other=0))
-            a12, a13, a14, a15 = _split4(tl.load(a_blk + 3 * QS, mask=a_ok, other=0))
+        a0, a1, a2, a3 = _split4(tl.load(a_blk, mask=a_ok, other=0))
+        a4, a5, a6, a7 = _split4(tl.load(a_blk + 4, mask=a_ok, other=0))
+        a8, a9, a10, a11 = _split4(tl.load(a_blk + 8, mask=a_ok, other=0))
+        a12, a13, a14, a15 = _split4(tl.load(a_blk + 12, mask=a_ok, other=0))
         sa = tl.load(as_ptr + mr * stride_asm + kb + offs_b, mask=b_ok, other=0).to(tl.int32)
         if USE_ASM:
             part = tl.inline_asm_elementwise(
@@ -475,13 +464,22 @@ def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs
     return acc1, acc
 
 
+ONESHOT_MAX_TILES = 4  # gemv_a4 at M = 1 requests all K tiles at once up to 4 tiles (K <= 4096 at NBK = 32)
+
+
+def _oneshot_tiles(args) -> int:
+    """K tiles of a one-shot gemv_a4 program (0: the two-tiles-in-flight loop)."""
+    tiles = triton.cdiv(args["K"] // 32, args["NBK"])
+    return tiles if args["ALLOW_ONESHOT"] and args["BM"] == 1 and tiles <= ONESHOT_MAX_TILES else 0
+
+
 @triton.autotune(configs=_GEMV_A4_CONFIGS, key=["M_KEY", "N", "K"])
-@triton.heuristics({"EVEN_K": lambda args: (args["K"] // 32) % args["NBK"] == 0})
+@triton.heuristics({"EVEN_K": lambda args: (args["K"] // 32) % args["NBK"] == 0, "ONESHOT": _oneshot_tiles})
 @triton.jit
 def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am, stride_asm,
                     stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                    ACT: tl.constexpr = 0):
+                    ALLOW_ONESHOT: tl.constexpr, ONESHOT: tl.constexpr):
     """Round 5 decode (W4A4, M <= 4). Both operands are E2M1 inside a 32-block, so a block's
     dot product is exact in fp16: the weight nibbles become fp16 E2M1 * 2^-14 by shifts and
     masks on whole int32 words (8 nibbles, 4 fp16x2 registers), the activation arrives
@@ -495,7 +493,10 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     N re-read row N-1 (stores are masked) so the loop has no masks when K/32 % NBK == 0.
     PDL (programmatic dependent launch): the first two weight tiles are requested before
     griddepcontrol.wait, so they stream in while the act-quant that feeds this kernel ends;
-    nothing written by an earlier kernel (activation, output) is touched before the wait."""
+    nothing written by an earlier kernel (activation, output) is touched before the wait.
+    ONESHOT = T > 0 (M = 1, at most ONESHOT_MAX_TILES K tiles): all T tiles are requested
+    before any math, as a pure read streams best (benchmarks/stream_floor_probe.py: many short
+    programs that issue all their loads at once), then the same math in the same order."""
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -504,19 +505,40 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     KB = K // 32
     w_tile = w_ptr + rows[:, None, None] * stride_wn + offs_b[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     s_tile = ws_ptr + rows[:, None] * stride_sn + offs_b[None, :]
-    a_tile = (offs_b[None, :, None] * (4 if ACT == 1 else 16) + tl.arange(0, 4)[None, None, :]) + (rows * 0).to(tl.int32)[:, None, None]
-    # two tiles in flight: this one and the next (tiles past the end re-read the last one: no masks)
-    p, s = _w_tile_load(w_tile, s_tile, 0, KB, NBK, offs_b, EVEN_K, USE_ASM)
-    p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-    if PDL:
-        gdc_wait()
+    a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (rows * 0).to(tl.int32)[:, None, None]
     acc1 = tl.zeros([BN, NBK], dtype=tl.float32)  # M = 1: per-thread partial sums, reduced once at the end
     acc = tl.zeros([BM, BN], dtype=tl.float32)  # M > 1: reduced every tile
-    for kb in range(0, KB, NBK):
-        p2, s2 = _w_tile_load(w_tile, s_tile, kb + 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-        acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
-                             BM, EVEN_K, USE_ASM, ACT)
-        p, s, p1, s1 = p1, s1, p2, s2
+    # tiles past the end re-read the last one when EVEN_K (no masks), else masked
+    p, s = _w_tile_load(w_tile, s_tile, 0, KB, NBK, offs_b, EVEN_K, USE_ASM)
+    if ONESHOT > 0:  # every K tile in flight at once (a constexpr count: the branches unroll)
+        if ONESHOT > 1:
+            p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+        if ONESHOT > 2:
+            p2, s2 = _w_tile_load(w_tile, s_tile, 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+        if ONESHOT > 3:
+            p3, s3 = _w_tile_load(w_tile, s_tile, 3 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+        if PDL:
+            gdc_wait()
+        acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, 0, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
+                             BM, EVEN_K, USE_ASM)
+        if ONESHOT > 1:
+            acc1, acc = _a4_tile(p1, s1, a_ptr, as_ptr, NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
+                                 acc1, acc, BM, EVEN_K, USE_ASM)
+        if ONESHOT > 2:
+            acc1, acc = _a4_tile(p2, s2, a_ptr, as_ptr, 2 * NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
+                                 acc1, acc, BM, EVEN_K, USE_ASM)
+        if ONESHOT > 3:
+            acc1, acc = _a4_tile(p3, s3, a_ptr, as_ptr, 3 * NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
+                                 acc1, acc, BM, EVEN_K, USE_ASM)
+    else:  # two tiles in flight: this one and the next
+        p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+        if PDL:
+            gdc_wait()
+        for kb in range(0, KB, NBK):
+            p2, s2 = _w_tile_load(w_tile, s_tile, kb + 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+            acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1,
+                                 acc, BM, EVEN_K, USE_ASM)
+            p, s, p1, s1 = p1, s1, p2, s2
     if BM == 1:
         acc = tl.sum(acc1, axis=1)[None, :]
     _store(c_ptr, acc, offs_mm, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
@@ -556,7 +578,7 @@ def _a4_next_tile(w, sc, rt, kt, KT, nprog, w_ptr, ws_ptr, N, stride_wn, stride_
 @triton.jit
 def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K, stride_wn, stride_sn,
                             HAS_BIAS: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr, PPS: tl.constexpr,
-                            USE_ASM: tl.constexpr, PDL: tl.constexpr, ACT: tl.constexpr = 0):
+                            USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """gemv_a4 at M = 1 as a persistent kernel (PPS programs per SM, read by the launcher): one
     flat loop over this program's (row tile, K tile) steps keeps two weight tiles in flight
     across row-tile boundaries, so a program does not drain and refill the memory pipeline
@@ -569,7 +591,7 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
     offs_bn = tl.arange(0, BN)
     offs_b = tl.arange(0, NBK)
     offs_mm = tl.arange(0, 1)
-    a_tile = (offs_b[None, :, None] * (4 if ACT == 1 else 16) + tl.arange(0, 4)[None, None, :]) + (offs_bn * 0)[:, None, None]
+    a_tile = (offs_b[None, :, None] * 16 + tl.arange(0, 4)[None, None, :]) + (offs_bn * 0)[:, None, None]
     rt, kt = pid, 0  # the step computed now
     w, sc = _a4_tile_ptrs(w_ptr, ws_ptr, rt, N, stride_wn, stride_sn, offs_bn, offs_b)
     p, s = tl.load(w), _load_u8(sc, USE_ASM)
@@ -585,7 +607,7 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
                                           offs_bn, offs_b, NBK)
         p2, s2 = tl.load(wl), _load_u8(scl, USE_ASM)
         acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, kt * NBK, K // 32, 1, 0, 0, a_tile, offs_b, offs_mm, acc1, acc,
-                             1, True, USE_ASM, ACT)
+                             1, True, USE_ASM)
         if kt == KT - 1:  # the row tile is complete
             _store(c_ptr, tl.sum(acc1, axis=1)[None, :], offs_mm, rt * BN + offs_bn, 1, N, 0, bias_ptr, HAS_BIAS)
             acc1 = tl.zeros([BN, NBK], dtype=tl.float32)
@@ -597,14 +619,15 @@ def _gemv_a4_persist_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K,
 
 
 def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=torch.bfloat16, config=None,
-            use_asm=None, pdl=False, persistent=False, programs=None, act=0):
+            use_asm=None, pdl=False, persistent=False, programs=None, oneshot=True):
     """W4A4 decode: MXFP4 activation in the act-quant's MODE_PAIRS (float16 [M <= GEMV_MAX_M, K]
     + E8M0 [M, K/32]) x packed MXFP4 weights -> [M, N] in out_dtype. Exact MXFP4 product up to
     float32 accumulation (block sums in fp16 are exact below 2^-4 per lane; see the kernel).
     pdl: launch as a programmatic dependent (sm90+) of the kernel before it on the stream,
     which should trigger early (act-quant `launch_dependents`); ignored by the interpreter.
     persistent (M = 1 and K/32 % NBK == 0, else ignored): `_gemv_a4_persist_kernel` with
-    `programs` programs (default: PPS per SM)."""
+    `programs` programs (default: PPS per SM). oneshot (M = 1, K <= ONESHOT_MAX_TILES tiles):
+    each program requests all its weight tiles before any math (False: the two-tile loop)."""
     M, K = a_pairs.shape
     N = weight_packed.shape[0]
     if (a_pairs.dtype != torch.float16 or weight_packed.shape != (N, K // 2) or weight_scale.shape != (N, K // 32)
@@ -628,7 +651,7 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
         sms = sm_count(a_pairs.device)
         launch(lambda meta: (min(triton.cdiv(N, meta["BN"]), programs or sms * meta["PPS"]),))(
             a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, N, K, w32.stride(0),
-            weight_scale.stride(0), HAS_BIAS=bias is not None, USE_ASM=use_asm, PDL=pdl, ACT=act, **cfg)
+            weight_scale.stride(0), HAS_BIAS=bias is not None, USE_ASM=use_asm, PDL=pdl, **cfg)
         return c
     launch, cfg = _launcher(_gemv_a4_kernel, config)
     if pdl:
@@ -636,7 +659,7 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
     launch(lambda meta: (triton.cdiv(N, meta["BN"]),))(
         a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
         a32.stride(0), a_scale.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, ACT=act, **cfg)
+        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, ALLOW_ONESHOT=oneshot, **cfg)
     return c
 
 

@@ -73,3 +73,42 @@ def test_accuracy_table_in_readme_is_the_results_file():
     assert result["settings"]["windows"] >= 32 and result["settings"]["seqlen"] >= 2048
     seeds = {r["key"]: r["seeds"] for r in result["table"]}
     assert seeds["brq"] == seeds["brq-rtn"] == [0, 1, 2]
+
+
+STREAM_READ_CHECK = """
+import functools, operator, sys, torch
+sys.path.insert(0, sys.argv[1])
+import stream_floor_probe as p
+from vllm_brq import mxfp4
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+wp, ws = mxfp4.quantize(torch.randn(12, 256, generator=g))
+buf = torch.cat([wp.view(-1), ws.view(-1)])
+want = functools.reduce(operator.xor, buf.view(torch.int32).tolist())
+for cfg in ((4, 4, 1, None), (4, 2, 4, 3), (8, 4, 1, 2)):  # one program per chunk, grid-stride loops
+    out = torch.zeros(64, dtype=torch.int32)
+    p.flat_read(buf, out, *cfg)
+    assert functools.reduce(operator.xor, out.tolist()) == want, cfg
+out = torch.zeros(64, dtype=torch.int32)
+p.rows_read(wp, ws, out, 4, 4, 4)
+w32 = wp.view(torch.int32)
+assert out[:12].tolist() == [functools.reduce(operator.xor, w32[i].tolist()) + int(ws[i].int().sum()) for i in range(12)]
+"""
+
+
+def test_stream_floor_probe_kernels_read_every_byte():
+    """The probe's read kernels (timed on the GPU) touch each byte once, under the interpreter."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    res = subprocess.run([sys.executable, "-c", STREAM_READ_CHECK, str(REPO / "benchmarks"), str(seed)],
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"seed {seed}\n{res.stderr[-3000:]}"
+
+
+def test_stream_floor_fit():
+    import stream_floor_probe
+
+    f = stream_floor_probe.fit([(b, 2.0 + b / 2.5e6) for b in (8e6, 13e6, 31e6, 62e6)])
+    assert f["fixed_us"] == 2.0 and f["stream_TB_s"] == 2.5

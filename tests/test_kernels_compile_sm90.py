@@ -42,8 +42,9 @@ GEMM_CASES = {
     "gemv": (gemm._gemv_kernel, dict(W, a_ptr="*bf16"), [dict(HAS_BIAS=False, BM=1, USE_ASM=True),
                                                           dict(HAS_BIAS=True, BM=4, USE_ASM=False)]),
     "gemv_a4": (gemm._gemv_a4_kernel, dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32"),
-                [dict(HAS_BIAS=False, BM=1, USE_ASM=True, EVEN_K=True, PDL=True),
-                 dict(HAS_BIAS=True, BM=4, USE_ASM=True, EVEN_K=False, PDL=False)]),
+                [dict(HAS_BIAS=False, BM=1, USE_ASM=True, EVEN_K=True, PDL=True, ALLOW_ONESHOT=True, ONESHOT=4),
+                 dict(HAS_BIAS=False, BM=1, USE_ASM=True, EVEN_K=False, PDL=False, ALLOW_ONESHOT=True, ONESHOT=3),
+                 dict(HAS_BIAS=True, BM=4, USE_ASM=True, EVEN_K=False, PDL=False, ALLOW_ONESHOT=True, ONESHOT=0)]),
     "gemv_a4_persist": (gemm._gemv_a4_persist_kernel, dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32"),
                         [dict(HAS_BIAS=True, USE_ASM=True, PDL=True), dict(HAS_BIAS=False, USE_ASM=False, PDL=False)]),
     "dequantize": (gemm._dequant_kernel, {"w_ptr": "*u8", "ws_ptr": "*u8", "out_ptr": "*bf16"}, [dict(BN=32, BK=256)]),
@@ -88,19 +89,21 @@ def test_kernel_compiles_for_sm90(name):
     _each_config(kernel, ptrs, variants)
 
 
-@pytest.mark.parametrize("persistent", [False, True])
-def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait(persistent):
+@pytest.mark.parametrize("persistent,tiles", [(False, 0), (False, 4), (True, 0)])
+def test_gemv_a4_pdl_requests_the_first_weight_tiles_before_the_wait(persistent, tiles):
     """With PDL the gemv may run while the act-quant that writes its input ends: only weights
-    and their scales (two tiles: 2 x 16-byte words + 2 scale bytes) may be loaded before
-    griddepcontrol.wait; without PDL there is no wait at all."""
+    and their scales (two tiles, or all of them one-shot: a 16-byte word + a scale byte each)
+    may be loaded before griddepcontrol.wait; without PDL there is no wait at all."""
     ptrs = dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32")
     kernel = gemm._gemv_a4_persist_kernel if persistent else gemm._gemv_a4_kernel
-    cx = dict(HAS_BIAS=True, BM=1, USE_ASM=True, EVEN_K=True, BN=4, NBK=32, PPS=8)
+    cx = dict(HAS_BIAS=True, BM=1, USE_ASM=True, EVEN_K=True, BN=4, NBK=32, PPS=8, ALLOW_ONESHOT=tiles > 0,
+              ONESHOT=tiles)
     lines = _compile(kernel, ptrs, dict(cx, PDL=True)).asm["ptx"].splitlines()
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
     assert len(waits) == 1
     early = [line.split()[0] for line in lines[:waits[0]] if "ld.global" in line]
-    assert sorted(early) == ["ld.global.nc.u8", "ld.global.nc.u8", "ld.global.v4.b32", "ld.global.v4.b32"], early
+    n = tiles or 2
+    assert sorted(early) == ["ld.global.nc.u8"] * n + ["ld.global.v4.b32"] * n, early
     assert "griddepcontrol" not in _compile(kernel, ptrs, dict(cx, PDL=False)).asm["ptx"]
 
 
@@ -143,7 +146,8 @@ def test_probe_kernels_compile_to_what_they_measure():
         "from vllm_brq.kernels import gemm\n"
         "gemv_issue_probe.use_decode(sys.argv[1])\n"
         "ck = compile_sm90(gemm._gemv_a4_kernel, dict(WEIGHTS, a_ptr='*i32', as_ptr='*u8', w_ptr='*i32'),\n"
-        "                  dict(HAS_BIAS=False, BM=1, BN=4, NBK=32, USE_ASM=True, EVEN_K=True, PDL=False))\n"
+        "                  dict(HAS_BIAS=False, BM=1, BN=4, NBK=32, USE_ASM=True, EVEN_K=True, PDL=False,\n"
+        "                       ALLOW_ONESHOT=False, ONESHOT=0))\n"
         "print(' '.join(loop_body(sass(ck))))\n")
     loops = {v: subprocess.run([sys.executable, "-c", script, v], cwd=REPO, capture_output=True, text=True,
                                check=True).stdout.split()

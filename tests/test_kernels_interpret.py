@@ -142,14 +142,18 @@ def _run(name, seed):
                 d = gemm.dequantize(wp, scales, dtype, block_n=bn, block_k=bk)
                 assert torch.equal(d, mxfp4.dequantize(wp, scales, dtype)), (dtype, bn, bk)
         return
-    if name == "gemv_a4":  # K/32 = 6: NBK 2 runs the unmasked loop, NBK 4 the masked one; BN 32 clamps rows
+    if name == "gemv_a4":  # K/32 = 6: NBK 2 runs unmasked tiles, NBK 4 masked ones; BN 32 clamps rows
         xp, xs = aq.quantize_activation(x[:3], r, aq.MODE_PAIRS, nb=2)
         b = torch.randn(N)
-        for m in (1, 3):
+        for m in (1, 3):  # M = 1: the one-shot kernel (3 or 2 tiles at once), M = 3: the two-tile loop
             y0 = ref.brq_linear_reference(x[:m].float(), wp, ws, r, None, True).double()
             for cfg in (dict(BN=4, NBK=2), dict(BN=32, NBK=4)):
-                y = gemm.gemv_a4(xp[:m], xs[:m], wp, ws, bias=b, out_dtype=torch.float32, config=cfg).double()
-                assert ((y - b.double() - y0).norm() / y0.norm()) < 1e-5, (m, cfg)
+                y = gemm.gemv_a4(xp[:m], xs[:m], wp, ws, bias=b, out_dtype=torch.float32, config=cfg)
+                assert ((y.double() - b.double() - y0).norm() / y0.norm()) < 1e-5, (m, cfg)
+                if m == 1:  # the same block sums in the same order as the loop (and NBK 1: 6 tiles, the loop)
+                    for loop in (dict(oneshot=False, config=cfg), dict(config=dict(BN=4, NBK=1))):
+                        assert torch.equal(gemm.gemv_a4(xp[:1], xs[:1], wp, ws, bias=b, out_dtype=torch.float32,
+                                                        **loop), y), (cfg, loop)
         # persistent (M = 1): 12 row tiles x 3 K tiles over 5 programs (3 or 2 row tiles each), or 1
         y1 = gemm.gemv_a4(xp[:1], xs[:1], wp, ws, bias=b, out_dtype=torch.float32, config=dict(BN=4, NBK=2))
         for programs in (5, 1, 12):

@@ -158,11 +158,15 @@ def test_fp8_gemm_prefers_vllm_cutlass_and_falls_back_to_torch_when_vllm_cuda_op
 
 
 def test_switches_default_to_the_measured_winners(monkeypatch):
-    for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_ACT_ROUNDING"):
+    for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_GEMV_ONESHOT", "BRQ_ACT_ROUNDING"):
         monkeypatch.delenv(name, raising=False)
-    assert dispatch.pdl_level() == 2 and dispatch.act_rounding() == "bits"
-    # persistent decode GEMV only for wide outputs (gate_up), where it measured faster
-    assert dispatch.gemv_persistent(28672) and not dispatch.gemv_persistent(6144)
+    assert dispatch.pdl_level() == 2 and dispatch.act_rounding() == "bits" and dispatch.gemv_oneshot()
+    # persistent decode GEMV only for wide outputs the one-shot kernel does not cover (K > 4096)
+    assert dispatch.gemv_persistent(28672, 14336) and not dispatch.gemv_persistent(6144, 14336)
+    assert not dispatch.gemv_persistent(28672, 4096)
+    monkeypatch.setenv("BRQ_GEMV_ONESHOT", "0")
+    assert not dispatch.gemv_oneshot() and dispatch.gemv_persistent(28672, 4096)
+    monkeypatch.delenv("BRQ_GEMV_ONESHOT")
     monkeypatch.setenv("BRQ_PDL", "0")
     assert dispatch.pdl_level() == 0
     monkeypatch.setenv("BRQ_PDL", "on")
@@ -171,12 +175,12 @@ def test_switches_default_to_the_measured_winners(monkeypatch):
     monkeypatch.setenv("BRQ_PDL", "1")
     assert dispatch.pdl_level() == 1
     monkeypatch.setenv("BRQ_GEMV_PERSIST", "1")
-    assert dispatch.gemv_persistent(4096)
+    assert dispatch.gemv_persistent(4096, 4096)
     monkeypatch.setenv("BRQ_GEMV_PERSIST", "0")
-    assert not dispatch.gemv_persistent(28672)
+    assert not dispatch.gemv_persistent(28672, 14336)
     monkeypatch.setenv("BRQ_GEMV_PERSIST", "yes")
     with pytest.raises(ValueError, match="BRQ_GEMV_PERSIST must be 'auto', '0' or '1'"):
-        dispatch.gemv_persistent(4096)
+        dispatch.gemv_persistent(4096, 4096)
     monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
     with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
         dispatch.act_rounding()
