@@ -513,12 +513,12 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
     if ONESHOT > 0:  # every K tile in flight at once (a constexpr count: the branches unroll)
         if ONESHOT > 1:
             p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
+        if PDL:  # two tiles before the wait, as the loop: more would queue ahead of the act-quant's loads
+            gdc_wait()
         if ONESHOT > 2:
             p2, s2 = _w_tile_load(w_tile, s_tile, 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
         if ONESHOT > 3:
             p3, s3 = _w_tile_load(w_tile, s_tile, 3 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-        if PDL:
-            gdc_wait()
         acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, 0, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
                              BM, EVEN_K, USE_ASM)
         if ONESHOT > 1:
