@@ -120,11 +120,12 @@ def main() -> None:
     n_lin = 4 * args.layers
     want = step()()  # eager, default switches
     res, identical = {}, {}
-    variants = {"dispatch (act-quant + gemv_a4, autotuned; PDL both, persistent for N >= 16384)": {},
+    variants = {"dispatch (act-quant + gemv_a4, autotuned; PDL both, one-shot for N >= 16384)": {},
                 "BRQ_PDL=0 BRQ_GEMV_PERSIST=0 (round 5)": {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"},
                 "BRQ_PDL=0": {"BRQ_PDL": "0"},
                 "BRQ_PDL=1 (only the gemv a dependent; rounds 6-7)": {"BRQ_PDL": "1"},
-                "BRQ_GEMV_ONESHOT=0 (two tiles in flight at every K; through round 11)": {"BRQ_GEMV_ONESHOT": "0"},
+                "BRQ_GEMV_ONESHOT=0 (gate_up persistent again; through round 11)": {"BRQ_GEMV_ONESHOT": "0"},
+                "BRQ_GEMV_ONESHOT=1 (one-shot on qkv, o and gate_up)": {"BRQ_GEMV_ONESHOT": "1"},
                 "BRQ_GEMV_PERSIST=0": {"BRQ_GEMV_PERSIST": "0"},
                 "BRQ_GEMV_PERSIST=1 (persistent on every shape)": {"BRQ_GEMV_PERSIST": "1"}}
     for label, env in variants.items():

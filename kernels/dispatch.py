@@ -153,23 +153,29 @@ def act_rounding() -> str:
 PERSIST_MIN_N = 16384
 
 
-def gemv_oneshot() -> bool:
-    """Whether the M = 1 gemv_a4 requests all of a program's weight tiles at once where K allows
-    (gemm.ONESHOT_MAX_TILES: K <= 4096). BRQ_GEMV_ONESHOT=0: round 5's two tiles in flight."""
-    return os.environ.get("BRQ_GEMV_ONESHOT", "1") not in ("0", "false", "False", "")
+def gemv_oneshot(N: int, K: int) -> bool:
+    """Whether the M = 1 gemv_a4 requests all of a program's weight tiles at once (K <= 4096:
+    gemm.ONESHOT_MAX_TILES tiles of 32 blocks). BRQ_GEMV_ONESHOT: auto (default: wide outputs,
+    N >= PERSIST_MIN_N, where it replaces the persistent kernel: H100 decode_layers, gate_up
+    act-quant + GEMV 28.5 -> 27.1-27.3 us; on qkv, 1536 programs with more registers each, the
+    pair was 0.7 us slower), 1 (wherever K allows), 0 (never: the two-tile loop)."""
+    from vllm_brq.kernels import gemm
+
+    mode = os.environ.get("BRQ_GEMV_ONESHOT", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"BRQ_GEMV_ONESHOT must be 'auto', '0' or '1', got {mode!r}")
+    fits = K // 32 <= gemm.ONESHOT_MAX_TILES * 32
+    return fits and (mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N))
 
 
 def gemv_persistent(N: int, K: int) -> bool:
     """Whether the decode gemv_a4 for an [N, K] weight runs persistent (a few programs per SM walk
     their row tiles, the weight prefetch running across them). BRQ_GEMV_PERSIST: auto (default:
     N >= PERSIST_MIN_N where the one-shot kernel does not apply), 1 (always), 0 (never)."""
-    from vllm_brq.kernels import gemm
-
     mode = os.environ.get("BRQ_GEMV_PERSIST", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"BRQ_GEMV_PERSIST must be 'auto', '0' or '1', got {mode!r}")
-    oneshot = gemv_oneshot() and K // 32 <= gemm.ONESHOT_MAX_TILES * 32
-    return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N and not oneshot)
+    return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N and not gemv_oneshot(N, K))
 
 
 def w4a16_dequant_enabled() -> bool:
@@ -331,7 +337,7 @@ def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_
         xp, xs = quantize(aq.MODE_PAIRS, launch_dependents=level >= 1, pdl=level == 2)[:2]
         N, K = weight_packed.shape[0], weight_packed.shape[1] * 2
         return gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=out_dtype, pdl=level >= 1,
-                            persistent=gemv_persistent(N, K), oneshot=gemv_oneshot())
+                            persistent=gemv_persistent(N, K), oneshot=gemv_oneshot(N, K))
     xf, _, xsc = quantize(aq.MODE_FP8, rounding=act_rounding())[:3]
     return scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, out_dtype)
 

@@ -160,12 +160,18 @@ def test_fp8_gemm_prefers_vllm_cutlass_and_falls_back_to_torch_when_vllm_cuda_op
 def test_switches_default_to_the_measured_winners(monkeypatch):
     for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_GEMV_ONESHOT", "BRQ_ACT_ROUNDING"):
         monkeypatch.delenv(name, raising=False)
-    assert dispatch.pdl_level() == 2 and dispatch.act_rounding() == "bits" and dispatch.gemv_oneshot()
-    # persistent decode GEMV only for wide outputs the one-shot kernel does not cover (K > 4096)
-    assert dispatch.gemv_persistent(28672, 14336) and not dispatch.gemv_persistent(6144, 14336)
-    assert not dispatch.gemv_persistent(28672, 4096)
+    assert dispatch.pdl_level() == 2 and dispatch.act_rounding() == "bits"
+    # wide outputs: one-shot where K allows (gate_up), else persistent; narrow ones: the two-tile loop
+    assert dispatch.gemv_oneshot(28672, 4096) and not dispatch.gemv_persistent(28672, 4096)
+    assert not dispatch.gemv_oneshot(28672, 14336) and dispatch.gemv_persistent(28672, 14336)
+    assert not dispatch.gemv_oneshot(6144, 4096) and not dispatch.gemv_persistent(6144, 14336)
+    monkeypatch.setenv("BRQ_GEMV_ONESHOT", "1")
+    assert dispatch.gemv_oneshot(6144, 4096) and not dispatch.gemv_oneshot(4096, 14336)
     monkeypatch.setenv("BRQ_GEMV_ONESHOT", "0")
-    assert not dispatch.gemv_oneshot() and dispatch.gemv_persistent(28672, 4096)
+    assert not dispatch.gemv_oneshot(28672, 4096) and dispatch.gemv_persistent(28672, 4096)
+    monkeypatch.setenv("BRQ_GEMV_ONESHOT", "yes")
+    with pytest.raises(ValueError, match="BRQ_GEMV_ONESHOT must be 'auto', '0' or '1'"):
+        dispatch.gemv_oneshot(28672, 4096)
     monkeypatch.delenv("BRQ_GEMV_ONESHOT")
     monkeypatch.setenv("BRQ_PDL", "0")
     assert dispatch.pdl_level() == 0
