@@ -48,6 +48,8 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
                         {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"}),
     "brq-w4a4-torchmm": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "torch"}),
     "brq-w4a4-pdl1": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),  # rounds 6-7
+    "brq-w4a4-noonce": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
+                        {"BRQ_GEMV_ONESHOT": "0"}),  # through round 11: gate_up's GEMV persistent
     # round 10: the RMSNorms and SiLU-muls kept apart from the brq linears after them (vllm_brq/fusion.py off)
     "brq-w4a4-unfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "0"}),
     "brq-w4a4-normfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "norm"}),
