@@ -45,7 +45,7 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     # beside the defaults (not in the default list; benchmarks/NOTES-kernels.md, round 6): the
     # round-5 decode path (no PDL, never persistent); prefill on torch._scaled_mm, not vLLM's CUTLASS
     "brq-w4a4-round5": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
-                        {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0"}),
+                        {"BRQ_PDL": "0", "BRQ_GEMV_PERSIST": "0", "BRQ_GEMV_ONESHOT": "0"}),
     "brq-w4a4-torchmm": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FP8_GEMM": "torch"}),
     "brq-w4a4-pdl1": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_PDL": "1"}),  # rounds 6-7
     "brq-w4a4-noonce": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
