@@ -10,8 +10,9 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
   (MODE_PAIRS), then the bandwidth-bound gemv_a4 over packed weights (BRQ_GEMV_A4=0:
   fake-quant bf16 + gemv), the act-quant launched as a programmatic dependent of the kernel
   before it and the gemv of the act-quant on sm90+ (BRQ_PDL=1: the gemv only; 0: plain
-  launches) and persistent for wide outputs (N >= PERSIST_MIN_N;
-  BRQ_GEMV_PERSIST=0/1: never/always).
+  launches); for wide outputs (N >= PERSIST_MIN_N) one-shot where K <= 4096 (each program
+  requests all its weight tiles at once; BRQ_GEMV_ONESHOT), else persistent
+  (BRQ_GEMV_PERSIST=0/1: never/always).
 - W4A4 prefill with the FP8 copy (sm90): one-pass act-quant straight to the FP8 operand
   (act_quant.default_fp8_impl), then an FP8 GEMM with row/column powers of two:
   exact MXFP4 up to blocks 14 binades below their row's largest; the GEMM is vLLM's CUTLASS
