@@ -49,6 +49,15 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The switch `name` from the environment, one of `choices`, else a ValueError naming them."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_backend(device_index: int) -> str | None:
     """'sm90', 'sm100', 'sm80' or None (reference) for a CUDA device."""
@@ -97,10 +106,7 @@ def pdl_level() -> int:
     (default since round 8): the act-quant too is launched as a dependent of whatever kernel
     wrote its input, so its launch overlaps that kernel's tail (H100: batch-1 latency 0.448 ->
     0.443 s in one lease; decode_layers 64.2 -> 60.4 us/layer in one run). BRQ_PDL=0: plain launches."""
-    level = os.environ.get("BRQ_PDL", "2")
-    if level not in ("0", "1", "2"):
-        raise ValueError(f"BRQ_PDL must be '0', '1' or '2', got {level!r}")
-    return int(level)
+    return int(_env_choice("BRQ_PDL", "2", ("0", "1", "2")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,9 +115,7 @@ def _vllm_cutlass_scaled_mm():
     (torch._scaled_mm). H100 end to end: throughput 40,237 -> 42,633 tok/s, batch-1 latency
     0.467 -> 0.458 s (benchmarks/results/e2e-h100.json). BRQ_FP8_GEMM: auto (default), cutlass
     (warns when unavailable), torch. Read once per process: CUDA graphs capture the choice."""
-    choice = os.environ.get("BRQ_FP8_GEMM", "auto")
-    if choice not in ("auto", "torch", "cutlass"):
-        raise ValueError(f"BRQ_FP8_GEMM must be 'auto', 'torch' or 'cutlass', got {choice!r}")
+    choice = _env_choice("BRQ_FP8_GEMM", "auto", ("auto", "torch", "cutlass"))
     if choice == "torch":
         return None
     try:
@@ -143,10 +147,7 @@ def act_rounding() -> str:
     """The FP8 act-quant's E2M1 rounding, the same bytes either way: "bits" (default; select-free,
     round 6: -7 % on the unrotated K = 4096 pass in two H100 runs, neutral with the FWHT) or
     "fast" (round 3's compare chain; BRQ_ACT_ROUNDING=fast)."""
-    rounding = os.environ.get("BRQ_ACT_ROUNDING", "bits")
-    if rounding not in ("fast", "bits"):
-        raise ValueError(f"BRQ_ACT_ROUNDING must be 'fast' or 'bits', got {rounding!r}")
-    return rounding
+    return _env_choice("BRQ_ACT_ROUNDING", "bits", ("fast", "bits"))
 
 
 # the persistent decode gemv_a4 wins only where each program walks several row tiles: H100,
@@ -162,9 +163,7 @@ def gemv_oneshot(N: int, K: int) -> bool:
     pair was 0.7 us slower), 1 (wherever K allows), 0 (never: the two-tile loop)."""
     from vllm_brq.kernels import gemm
 
-    mode = os.environ.get("BRQ_GEMV_ONESHOT", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"BRQ_GEMV_ONESHOT must be 'auto', '0' or '1', got {mode!r}")
+    mode = _env_choice("BRQ_GEMV_ONESHOT", "auto", ("auto", "0", "1"))
     fits = K // 32 <= gemm.ONESHOT_MAX_TILES * 32
     return fits and (mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N))
 
@@ -173,9 +172,7 @@ def gemv_persistent(N: int, K: int) -> bool:
     """Whether the decode gemv_a4 for an [N, K] weight runs persistent (a few programs per SM walk
     their row tiles, the weight prefetch running across them). BRQ_GEMV_PERSIST: auto (default:
     N >= PERSIST_MIN_N where the one-shot kernel does not apply), 1 (always), 0 (never)."""
-    mode = os.environ.get("BRQ_GEMV_PERSIST", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"BRQ_GEMV_PERSIST must be 'auto', '0' or '1', got {mode!r}")
+    mode = _env_choice("BRQ_GEMV_PERSIST", "auto", ("auto", "0", "1"))
     return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N and not gemv_oneshot(N, K))
 
 
