@@ -8,8 +8,8 @@ per launch (rounds 8-9), and neither cheaper math, more bytes in flight nor TMA 
 probe asks what a kernel that does nothing but read the same bytes achieves, in the same
 setting (32 layers' distinct weights, one CUDA graph, cold: the weights stream from HBM):
 
-  gemv_a4       the shipped decode GEMV (activation quantized before the graph; persistent for
-                N >= 16384 as dispatch runs it), plain launches and as programmatic dependents
+  gemv_a4       the shipped decode GEMV (activation quantized before the graph; one-shot or
+                persistent as dispatch runs it), plain launches and as programmatic dependents
   rows read     gemv_a4's exact access pattern (BN rows x NBK blocks per program, two tiles in
                 flight, weights and scales), without the activation and the math
   flat read     the packed weights + scales as one contiguous buffer, each program reading
@@ -137,10 +137,10 @@ def main() -> None:
         nbytes = ws[0][0].numel() + ws[0][1].numel()
         bufs = [torch.cat([wp.view(-1), sc.view(-1)]) for wp, sc in ws]
         xp, xs = aq.quantize_activation(outlier_x(1, K, gen), None, aq.MODE_PAIRS)
-        persist = dispatch.gemv_persistent(N, K)
+        how = dict(persistent=dispatch.gemv_persistent(N, K), oneshot=dispatch.gemv_oneshot(N, K))  # as dispatched
         r = {"bytes": nbytes,
-             "gemv_a4": timed([lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist) for w in ws]),
-             "gemv_a4, PDL": timed([lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], persistent=persist, pdl=True)
+             "gemv_a4": timed([lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], **how) for w in ws]),
+             "gemv_a4, PDL": timed([lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], pdl=True, **how)
                                     for w in ws]),
              "gemv_a4 BN=2 NBK=32 warps=2": timed(
                  [lambda w=w: gemm.gemv_a4(xp, xs, w[0], w[1], config=dict(BN=2, NBK=32, num_warps=2, num_stages=1))
