@@ -42,6 +42,8 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "fp8": ("llama3-8b-random", ["--quantization", "fp8"], {}),
     "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {}),
     "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"], {}),
+    # brq-convert --lm-head fp8 (format version 2): the lm_head in e4m3, its input FP8 per token
+    "brq-w4a4-fp8head": ("llama3-8b-random-brq-w4a4-fp8head", ["--quantization", "brq"], {}),
     # beside the defaults (not in the default list; benchmarks/NOTES-kernels.md, round 6): the
     # round-5 decode path (no PDL, never persistent); prefill on torch._scaled_mm, not vLLM's CUTLASS
     "brq-w4a4-round5": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
@@ -55,6 +57,11 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4-normfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "norm"}),
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
+BRQ_CHECKPOINTS = {  # checkpoint -> brq-convert options besides RTN and the block rotation
+    "llama3-8b-random-brq-w4a4": dict(activations="mxfp4"),
+    "llama3-8b-random-brq-w4a16": dict(activations="none"),
+    "llama3-8b-random-brq-w4a4-fp8head": dict(activations="mxfp4", lm_head="fp8"),
+}
 PROFILED = ("bf16", "brq-w4a4")
 
 
@@ -63,8 +70,8 @@ def _publish(tmp: Path, out: Path) -> Path:
     return out
 
 
-def build_checkpoints(models: Path, tokenizer: Path) -> None:
-    """The random bf16 model and its two RTN brq conversions (skipped when present)."""
+def build_checkpoints(models: Path, tokenizer: Path, names: set[str]) -> None:
+    """The random bf16 model and the RTN brq conversions among `names` (skipped when present)."""
     import torch
 
     from convert_time import llama3_8b
@@ -83,15 +90,15 @@ def build_checkpoints(models: Path, tokenizer: Path) -> None:
                 shutil.copy(f, tmp / f.name)
         _publish(tmp, base)
         print(f"random bf16 model written in {time.perf_counter() - t0:.0f} s", flush=True)
-    for act in ("w4a4", "w4a16"):
-        out = models / f"llama3-8b-random-brq-{act}"
-        if out.exists():
+    for name, options in BRQ_CHECKPOINTS.items():
+        out = models / name
+        if out.exists() or name not in names:
             continue
         t0 = time.perf_counter()
-        opts = pipeline.Options(quantizer="rtn", rotation="block", activations="mxfp4" if act == "w4a4" else "none")
+        opts = pipeline.Options(quantizer="rtn", rotation="block", **options)
         model = llama3_8b(32, torch.bfloat16, init)
         report = pipeline.run(model, opts)
-        tmp = models / f".tmp-{act}"
+        tmp = models / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         qcfg = pipeline.quantization_config(opts, report)
@@ -136,7 +143,8 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name(0)
     state = args.state
     (state / "rows").mkdir(parents=True, exist_ok=True)
-    build_checkpoints(state / "models", args.tokenizer)
+    wanted = {m for arg in (args.modes, args.profile, args.latency_only, args.graph_profile) for m in arg.split(",") if m}
+    build_checkpoints(state / "models", args.tokenizer, {MODES[m][0] for m in wanted})
     for mode in filter(None, args.modes.split(",")):
         row_file = state / "rows" / f"{mode}.json"
         if row_file.exists():

@@ -31,7 +31,8 @@ from tqdm import tqdm
 import vllm_brq
 from vllm_brq import format as fmt
 from vllm_brq import mxfp4
-from vllm_brq.hf_reference import ReferenceLinear
+from vllm_brq.hf_reference import Fp8Head, ReferenceLinear
+from vllm_brq.kernels.reference import fp8_head_weights_reference
 from vllm_brq.rotation import rotate
 
 from . import architectures as arch
@@ -46,6 +47,7 @@ CHOICES = {
     "rotation_block_size": (16, 32, 64),
     "quantizer": ("gptq", "rtn", "none"),
     "activations": ("mxfp4", "none"),
+    "lm_head": ("source", "fp8"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 CHUNK_TOKENS = 8192  # tokens per layer forward during calibration
@@ -64,6 +66,7 @@ class Options:
     quantizer: str = "gptq"
     scale_search: bool = False
     activations: str = "mxfp4"
+    lm_head: str = "source"
     calib: str = "wikitext2"
     calib_file: str | None = None
     nsamples: int = 128
@@ -117,6 +120,7 @@ class Report:
     layer_seconds: list[float] = field(default_factory=list)
     calibration: dict | None = None
     untied_lm_head: bool = False
+    head_weight_error: float | None = None  # relative, of an FP8 lm_head
 
 
 def convert(model: str | os.PathLike, out: str | os.PathLike, *, command: str | None = None, **options) -> Path:
@@ -221,8 +225,8 @@ def quantization_config(opts: Options, report: Report) -> dict:
     if opts.quantizer == "gptq":
         quantizer.update(block_size=128, damp=0.01, act_order=True, static_groups=True,
                          scale_search=opts.scale_search, calibration=report.calibration)
-    return fmt.build_config(activation_format=opts.activations, rotation=rotation,
-                            quantizer=quantizer, converter=f"vllm-brq {vllm_brq.__version__}")
+    return fmt.build_config(activation_format=opts.activations, rotation=rotation, quantizer=quantizer,
+                            converter=f"vllm-brq {vllm_brq.__version__}", lm_head_format=opts.lm_head)
 
 
 def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None = None,
@@ -235,6 +239,8 @@ def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None 
     d = arch.dims(model.config)
     rot = fuse.build_rotations(opts.rotation, d, opts.rotation_block_size, opts.seed, *opts.rotated)
     report = Report(untied_lm_head=fuse.transform_ends(model, rot))
+    if opts.lm_head == "fp8":
+        quantize_head_fp8(model, report)
     layers = model.model.layers[: max_layers or d.layers]
     hidden = kwargs = None
     if opts.quantizer == "gptq":
@@ -347,6 +353,18 @@ def _packed_linear(lin: nn.Module, q: torch.Tensor, act: bool) -> ReferenceLinea
 
 def _rel(num: torch.Tensor, den: torch.Tensor) -> float:
     return math.sqrt(float(num.sum()) / max(float(den.sum()), 1e-30))
+
+
+@torch.no_grad()
+def quantize_head_fp8(model: nn.Module, report: Report) -> None:
+    """lm_head -> e4m3 with a float32 scale per row (format version 2). A tied head is untied:
+    the embedding stays in the source dtype."""
+    w = model.lm_head.weight.detach().float()
+    q, s = fp8_head_weights_reference(w)
+    report.head_weight_error = _rel((w - q.float() * s[:, None]) ** 2, w ** 2)
+    model.lm_head = Fp8Head(q, s)
+    model.config.tie_word_embeddings = False
+    log.info("lm_head -> FP8 e4m3 (relative weight error %.4f)", report.head_weight_error)
 
 
 @torch.no_grad()

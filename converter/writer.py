@@ -77,7 +77,10 @@ def model_card(source: str, qcfg: dict, command: str, report) -> str:
         + (f" (blocks of {q['block_size']} columns, relative damping {q['damp']}, act-order over "
            f"static groups, scale search {'on' if q['scale_search'] else 'off'})" if q["method"] == "gptq" else "")
         + ".",
-        f"- Activations: {act}. Embeddings, norms and lm_head stay in the source dtype (rotated).",
+        f"- Activations: {act}. Embeddings and norms stay in the source dtype (rotated); "
+        + ("lm_head: FP8 e4m3 with a scale per row, its input quantized to FP8 per token at run time "
+           f"(relative weight error {report.head_weight_error:.4f})." if qcfg.get("lm_head_format") == "fp8"
+           else "so does lm_head."),
         f"- Architectures supported by the converter: {', '.join(SUPPORTED.values())}.",
     ]
     if report.untied_lm_head:

@@ -25,6 +25,9 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
   exact dequantize pass to bf16 then cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register GEMM).
 - Rotations the kernels cannot fuse (block size != 32, dense): applied in torch first, with
   a one-time warning. Activation quantization is never dropped.
+
+fp8_linear is the FP8 lm_head (format version 2): per-token FP8 act-quant (kernels/fp8_head.py)
+then the same FP8 GEMM as the W4A4 prefill, on sm90+; elsewhere the torch reference.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import os
 
 import torch
 
-from vllm_brq.kernels.reference import (FP8_RANGE, FP8_TOP, brq_linear_reference, fp8_reencode_reference,
-                                         rms_norm_reference)
+from vllm_brq.kernels.reference import (FP8_RANGE, FP8_TOP, brq_linear_reference, fp8_linear_reference,
+                                         fp8_reencode_reference, rms_norm_reference)
 from vllm_brq.rotation import rotate
 
 logger = logging.getLogger(__name__)
@@ -233,6 +236,23 @@ def prepare_extras(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
         msg = f"vllm-brq: FP8 weight copy{' of ' + name if name else ''}: {flushed} of {blocks} blocks flushed"
         (logger.warning if flushed else logger.debug)(msg)
     return extras
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (Q8(x) s_x)(W8 s_w)^T + b (kernels/reference.py fp8_linear_reference): e4m3 weight [N, K],
+    float32 row scales [N]; FP8 tensor cores on sm90+, else the reference (slow, one warning)."""
+    backend = _triton_backend(x.device.index or 0) if x.is_cuda else None
+    if backend not in ("sm90", "sm100") or x.dtype not in (torch.bfloat16, torch.float16):
+        if x.is_cuda:
+            _warn_once(f"vllm-brq: the FP8 lm_head runs the torch reference ({x.dtype} on {backend or 'this GPU'})")
+        return fp8_linear_reference(x, weight, weight_scale, bias)
+    from vllm_brq.kernels import fp8_head
+
+    x2 = x.reshape(-1, x.shape[-1])
+    q, s = fp8_head.quantize_rows(x2)
+    y = scaled_mm_fp8(q, s, weight, weight_scale.reshape(1, -1), bias, x.dtype)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def _rotation(input_rotation, rotation_sign):

@@ -119,3 +119,34 @@ def brq_linear_fp8_reference(
     if bias is not None:
         y = y + bias.double()
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+# The FP8 lm_head (format version 2): FP8 e4m3 weights with a float32 scale per row, activations
+# quantized per token at run time, as vLLM's FP8 dynamic linears do.
+E4M3_MAX = 448.0
+FP8_MIN_SCALE = 1.0 / (E4M3_MAX * 512)  # an all-zero row keeps a finite scale
+
+
+def fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8: (e4m3 [M, K], float32 scales [M, 1]) with x ~ q * s, s = max|x_row| / 448."""
+    xf = x.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(FP8_MIN_SCALE)
+    q = (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def fp8_head_weights_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What brq-convert stores for an FP8 lm_head: (e4m3 [V, d], float32 scales [V])."""
+    q, s = fp8_rows_reference(weight)
+    return q, s.reshape(-1)
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (Q8(x) s_x)(W8 s_w)^T + b: x quantized per token, W e4m3 with per-row float32 scales
+    [N]; the e4m3 products are exact in float32, the sums run in float32 as on the GPU."""
+    q, s = fp8_rows_reference(x.reshape(-1, x.shape[-1]))
+    y = (q.float() @ weight.float().t()) * s * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)

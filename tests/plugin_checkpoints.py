@@ -91,3 +91,21 @@ def edit_tensors(src: Path, out: Path, edit) -> Path:
     edit(tensors)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def with_fp8_head(src: Path, out: Path) -> Path:
+    """A copy of BRQ checkpoint ``src`` (tied) with an FP8 lm_head (format version 2) made from the
+    embedding, untied in config.json."""
+    from vllm_brq.kernels.reference import fp8_head_weights_reference
+
+    def edit(t):
+        t["lm_head.weight"], t["lm_head.weight_scale"] = fp8_head_weights_reference(t["model.embed_tokens.weight"])
+
+    edit_tensors(src, out, edit)
+    config = json.loads((out / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    qcfg = config["quantization_config"]
+    qcfg.update(format_version=fmt.FP8_HEAD_FORMAT_VERSION, ignore=[], lm_head_format="fp8")
+    set_quantization_config(out, qcfg)
+    return out

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from sass_counts import ACT, WEIGHTS as W, compile_sm90 as _compile, jit_of as _jit  # noqa: E402
 
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
+from vllm_brq.kernels import fp8_head  # noqa: E402
 from vllm_brq.kernels import gemm  # noqa: E402
 from vllm_brq.kernels import norm_quant as nq  # noqa: E402
 
@@ -81,6 +82,19 @@ ACT_CASES.update({
                    [dict(HAS_RES=res, BM=1, NB=16, SUM_NB=128, LAUNCH_DEPENDENTS=res, WAIT_PRIMARY=res, num_warps=w)
                     for res in (False, True) for w in (4, 8)] + [dict(HAS_RES=True, BM=16, NB=4, SUM_NB=128, LAUNCH_DEPENDENTS=False)]),
 })
+
+
+ACT_CASES["fp8_head_rows"] = (fp8_head._fp8_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+                              [dict(MAX=448.0, MIN_SCALE=fp8_head.FP8_MIN_SCALE, CHUNK=fp8_head.CHUNK)])
+
+
+def test_fp8_head_rounding_survives_the_compiler():
+    """The e4m3 rounding below 2^-6 adds and removes 1.5 * 2^14: the compiler must keep both (a
+    fast-math fold would leave the value unrounded), and the divisions stay IEEE (div.rn)."""
+    ptx = _compile(fp8_head._fp8_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+                   dict(MAX=448.0, MIN_SCALE=fp8_head.FP8_MIN_SCALE, CHUNK=fp8_head.CHUNK)).asm["ptx"]
+    assert "0f46C00000" in ptx  # 24576.0
+    assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
 
 
 @pytest.mark.parametrize("name", sorted(GEMM_CASES) + sorted(ACT_CASES))

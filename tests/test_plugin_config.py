@@ -47,7 +47,7 @@ def test_from_config(config_cls):
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"format_version": 2}, "format_version"),
+    ({"format_version": 3}, "format_version"),
     ({"activation_format": "int4"}, "activation_format"),
     ({"format_version": None}, "format_version"),
     ({"weight_format": "nvfp4"}, "weight_format"),

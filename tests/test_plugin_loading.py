@@ -100,7 +100,33 @@ def test_malformed_tensor_fails_before_serving(base, case):
             pass
 
 
-@pytest.mark.parametrize("key, value", [("format_version", 2), ("activation_format", "int8"),
+@pytest.fixture(scope="module")
+def fp8_head(base):
+    return pc.with_fp8_head(base, base.parent / "fp8head")
+
+
+HEAD_CASES = {
+    "missing head scale": (_drop("lm_head.weight_scale"), "missing tensor lm_head.weight_scale"),
+    "bf16 head weight": (lambda t: t.update({"lm_head.weight": t["lm_head.weight"].to(torch.bfloat16)}),
+                         "tensor lm_head.weight has dtype torch.bfloat16, expected float8_e4m3fn"),
+    "misshapen head scale": (lambda t: t.update({"lm_head.weight_scale": t["lm_head.weight_scale"][:, None]}),
+                             r"tensor lm_head.weight_scale has shape \[49152, 1\]"),
+    "NaN head scale": (lambda t: t["lm_head.weight_scale"].__setitem__(3, float("nan")),
+                       "lm_head.weight_scale holds NaN"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(HEAD_CASES))
+def test_malformed_fp8_head_fails_before_serving(fp8_head, case):
+    edit, message = HEAD_CASES[case]
+    bad = pc.edit_tensors(fp8_head, fp8_head.parent / case.replace(" ", "_"), edit)
+    with pytest.raises(fmt.FormatError, match=message):
+        with vh.inprocess_llm(bad):
+            pass
+
+
+@pytest.mark.parametrize("key, value", [("format_version", 3), ("activation_format", "int8"),
                                         ("rotation", {"kind": "block_hadamard", "block_size": 24})])
 def test_bad_config_fails_before_the_engine(base, key, value, tmp_path):
     """Detected in vLLM's config resolution, before any engine process starts."""

@@ -104,3 +104,18 @@ def test_compiles_without_graph_breaks(weights):
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(x), f(x))
     torch.testing.assert_close(compiled(x[:3]), f(x[:3]))
+
+
+def test_fp8_linear_is_the_reference_and_checks_out():
+    """brq::fp8_linear (the FP8 lm_head) on CPU is fp8_linear_reference; schema and fake agree."""
+    from vllm_brq.kernels.reference import fp8_head_weights_reference, fp8_linear_reference
+
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(96, K, generator=g), torch.randn(3, K, generator=g).bfloat16()
+    w8, ws = fp8_head_weights_reference(w)
+    y = torch.ops.brq.fp8_linear(x, w8, ws, None)
+    assert torch.equal(y, fp8_linear_reference(x, w8, ws))
+    ref = (x.double() @ w.double().t())
+    assert y.dtype == torch.bfloat16 and float((y.double() - ref).norm() / ref.norm()) < 0.05
+    # test_schema compares inputs with arithmetic that e4m3 tensors lack on CPU; the fake is what matters
+    opcheck(torch.ops.brq.fp8_linear.default, (x, w8, ws, None), test_utils=("test_faketensor",))

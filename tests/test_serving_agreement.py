@@ -1,6 +1,7 @@
 """Served numbers agree with the transformers reference of the same checkpoint.
 
-A tiny Llama is converted with brq-convert (RTN: W4A4, W4A16, and --quantizer none) and
+A tiny Llama is converted with brq-convert (RTN: W4A4, W4A4 with the FP8 lm_head, W4A16, and
+--quantizer none) and
 served by vLLM (CPU, fp32, reference kernels). Its prompt logprobs must match
 vllm_brq.hf_reference (which simulates the same W4A4 math on the rotated model in
 transformers) within 1e-3, and its greedy continuation must agree for >= 60 of 64 tokens.
@@ -22,6 +23,7 @@ TOL = 1e-3
 MIN_GREEDY = 60
 CASES = {  # name -> brq-convert options
     "w4a4": dict(quantizer="rtn", activations="mxfp4"),
+    "w4a4-fp8head": dict(quantizer="rtn", activations="mxfp4", lm_head="fp8"),  # format version 2
     "w4a16": dict(quantizer="rtn", activations="none"),
     "none": dict(quantizer="none", activations="none"),
 }

@@ -1,4 +1,4 @@
-"""The BRQ checkpoint format, version 1: config keys and per-linear tensors.
+"""The BRQ checkpoint format, versions 1 and 2: config keys and per-linear tensors.
 
 Both halves of the product read this module: brq-convert writes what ``build_config`` and
 ``linear_tensor_specs`` describe; the vLLM plugin validates with ``parse_config`` and
@@ -13,12 +13,22 @@ config.json gains::
       "quantizer": {"method": "gptq" | "rtn" | "none", ...settings, "calibration": {...}},
       "ignore": ["lm_head"], "converter": "vllm-brq <version>"}
 
+Version 2 adds ``"lm_head_format": "fp8"`` (with ``"ignore": []``): an FP8 lm_head, y = (Q8(x) s_x)
+(W8 s_w)^T with W8 float8_e4m3fn per-row scaled and x quantized per token at run time (FP8
+dynamic, as vLLM's ``--quantization fp8`` linears). Absent, or ``"source"``: lm_head stays in the
+source dtype, which version 1 requires. A writer uses version 1 unless the lm_head is FP8, so
+older readers keep loading every checkpoint they can serve.
+
 Per quantized linear P:
     P.weight_packed   uint8   [out, in/2]     two E2M1 codes per byte (low nibble first)
     P.weight_scale    uint8   [out, in/32]    E8M0 exponents (+127)
     P.input_rotation  float32 [b, b] | [in/b, b, b]   optional online x -> x @ R
     P.bias            source dtype [out]      if the source linear had one
 With quantizer "none" the linears keep their (rotated) ``P.weight`` in the source dtype.
+
+The FP8 lm_head (version 2):
+    lm_head.weight        float8_e4m3fn [vocab, hidden]   round(W / s_w), |.| <= 448
+    lm_head.weight_scale  float32       [vocab]           s_w = max|W_row| / 448
 """
 
 from __future__ import annotations
@@ -29,12 +39,14 @@ from typing import Any
 from vllm_brq import mxfp4
 
 QUANT_METHOD = "brq"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 1  # written when the lm_head stays in the source dtype
+FP8_HEAD_FORMAT_VERSION = 2  # written with an FP8 lm_head
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 WEIGHT_FORMATS = ("mxfp4",)
 ACTIVATION_FORMATS = ("mxfp4", "none")
 ROTATION_KINDS = ("block_hadamard", "global_hadamard", "outlier_aware", "none")
 QUANTIZERS = ("gptq", "rtn", "none")
+LM_HEAD_FORMATS = ("source", "fp8")
 GROUP_SIZE = mxfp4.BLOCK
 
 WEIGHT_PACKED = "weight_packed"
@@ -58,6 +70,7 @@ class BRQConfig:
     quantizer: dict[str, Any]
     ignore: tuple[str, ...] = ("lm_head",)
     converter: str = ""
+    lm_head_format: str = "source"
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -104,21 +117,33 @@ def parse_config(cfg: dict[str, Any]) -> BRQConfig:
         raise FormatError(f"quantization_config.rotation.block_size = {block!r} is not a positive integer")
     quantizer = dict(_need(cfg, "quantizer"))
     _one_of(_need(quantizer, "method", "quantization_config.quantizer"), QUANTIZERS, "quantizer.method")
+    ignore = tuple(cfg.get("ignore", ["lm_head"]))
+    head = _one_of(cfg.get("lm_head_format", "source"), LM_HEAD_FORMATS, "lm_head_format")
+    if head != "source" and version < FP8_HEAD_FORMAT_VERSION:
+        raise FormatError(f"quantization_config.lm_head_format = {head!r} needs format_version "
+                          f"{FP8_HEAD_FORMAT_VERSION}, the file says {version}")
+    if (head == "source") != ("lm_head" in ignore):
+        raise FormatError(f"quantization_config.ignore = {list(ignore)} contradicts lm_head_format = {head!r} "
+                          "(lm_head is ignored exactly when it stays in the source dtype)")
     return BRQConfig(
         format_version=version, weight_format=weight_format, activation_format=act,
         group_size=group, rotation=rotation, quantizer=quantizer,
-        ignore=tuple(cfg.get("ignore", ["lm_head"])), converter=str(cfg.get("converter", "")), raw=dict(cfg),
+        ignore=ignore, converter=str(cfg.get("converter", "")), lm_head_format=head, raw=dict(cfg),
     )
 
 
 def build_config(*, activation_format: str, rotation: dict[str, Any], quantizer: dict[str, Any],
-                 converter: str, ignore: tuple[str, ...] = ("lm_head",)) -> dict[str, Any]:
+                 converter: str, lm_head_format: str = "source") -> dict[str, Any]:
     """The ``quantization_config`` dict a converter writes (validated before returning)."""
+    fp8_head = lm_head_format != "source"
     cfg = {
-        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+        "quant_method": QUANT_METHOD, "format_version": FP8_HEAD_FORMAT_VERSION if fp8_head else FORMAT_VERSION,
         "weight_format": "mxfp4", "activation_format": activation_format, "group_size": GROUP_SIZE,
-        "rotation": rotation, "quantizer": quantizer, "ignore": list(ignore), "converter": converter,
+        "rotation": rotation, "quantizer": quantizer, "ignore": [] if fp8_head else ["lm_head"],
+        "converter": converter,
     }
+    if fp8_head:
+        cfg["lm_head_format"] = lm_head_format
     parse_config(cfg)
     return cfg
 
@@ -146,7 +171,19 @@ def check_rotation_shape(name: str, shape: tuple[int, ...], in_features: int) ->
 
 def check_linear_tensors(name: str, tensors: dict[str, Any], out_features: int, in_features: int) -> None:
     """Check the packed tensors of one linear (anything with .shape and .dtype)."""
-    for key, (shape, dtype) in linear_tensor_specs(out_features, in_features).items():
+    check_tensors(name, tensors, linear_tensor_specs(out_features, in_features))
+    if INPUT_ROTATION in tensors:
+        check_rotation_shape(name, tuple(tensors[INPUT_ROTATION].shape), in_features)
+
+
+def fp8_head_tensor_specs(vocab: int, hidden: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Expected (shape, dtype name) of the FP8 lm_head's tensors."""
+    return {"weight": ((vocab, hidden), "float8_e4m3fn"), "weight_scale": ((vocab,), "float32")}
+
+
+def check_tensors(name: str, tensors: dict[str, Any], specs: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Every tensor of ``specs`` present in ``tensors`` with its shape and dtype, else a FormatError."""
+    for key, (shape, dtype) in specs.items():
         if key not in tensors:
             raise FormatError(f"checkpoint is missing tensor {name}.{key}")
         t = tensors[key]
@@ -154,5 +191,3 @@ def check_linear_tensors(name: str, tensors: dict[str, Any], out_features: int, 
             raise FormatError(f"tensor {name}.{key} has shape {list(t.shape)}, expected {list(shape)}")
         if str(t.dtype).replace("torch.", "") != dtype:
             raise FormatError(f"tensor {name}.{key} has dtype {t.dtype}, expected {dtype}")
-    if INPUT_ROTATION in tensors:
-        check_rotation_shape(name, tuple(tensors[INPUT_ROTATION].shape), in_features)

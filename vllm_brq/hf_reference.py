@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vllm_brq import format as fmt
-from vllm_brq.kernels.reference import activation_reference, brq_linear_reference
+from vllm_brq.kernels.reference import activation_reference, brq_linear_reference, fp8_linear_reference
+
+HEAD = "lm_head"
 
 
 class ReferenceLinear(nn.Module):
@@ -49,6 +51,19 @@ class ReferenceLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
+
+
+class Fp8Head(nn.Module):
+    """The FP8 lm_head as served: e4m3 ``weight`` [V, d], float32 ``weight_scale`` [V], the
+    activation quantized to FP8 per token (kernels/reference.py ``fp8_linear_reference``)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear_reference(x, self.weight, self.weight_scale)
 
 
 def _linear_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -89,6 +104,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         module = ReferenceLinear(quantize_activations=qcfg.quantize_activations, **parts)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, module)
+    if qcfg.lm_head_format == "fp8":
+        if config.tie_word_embeddings:
+            raise fmt.FormatError("an FP8 lm_head needs tie_word_embeddings false in config.json")
+        parts = {k[len(HEAD) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(HEAD + ".")}
+        fmt.check_tensors(HEAD, parts, fmt.fp8_head_tensor_specs(config.vocab_size, model.lm_head.in_features))
+        model.lm_head = Fp8Head(parts["weight"], parts["weight_scale"])
+        names.add(HEAD)
     floats = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(floats, strict=False)
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in names

@@ -21,6 +21,8 @@ Ops:
 - ``brq::rotated_linear(x, weight, input_rotation?, bias?, quantize_activations)``:
   the same with a dense weight, for ``--quantizer none`` checkpoints (rotated weights in
   the source dtype).
+- ``brq::fp8_linear(x, weight, weight_scale, bias?)``: the FP8 lm_head, y = (Q8(x) s_x)(W8 s_w)^T + b
+  (calls ``kernels.dispatch.fp8_linear``).
 
 Importing this module registers the ops once per process (the Library object lives at
 module level: an op lives only as long as its library).
@@ -56,6 +58,7 @@ _LIB.define(
     "rotated_linear(Tensor x, Tensor weight, Tensor? input_rotation, Tensor? bias, "
     "bool quantize_activations) -> Tensor"
 )
+_LIB.define("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor")
 
 
 def _mxfp4_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
@@ -90,12 +93,15 @@ _LIB.impl("mxfp4_linear", _mxfp4_linear, "CompositeExplicitAutograd")
 _LIB.impl("rms_norm_mxfp4_linear", _rms_norm_mxfp4_linear, "CompositeExplicitAutograd")
 _LIB.impl("silu_mul_mxfp4_linear", dispatch.brq_silu_linear, "CompositeExplicitAutograd")
 _LIB.impl("rotated_linear", _rotated_linear, "CompositeExplicitAutograd")
+_LIB.impl("fp8_linear", dispatch.fp8_linear, "CompositeExplicitAutograd")
 torch.library.register_fake("brq::mxfp4_linear", _linear_fake, lib=_LIB)
 torch.library.register_fake("brq::rms_norm_mxfp4_linear", _rms_norm_linear_fake, lib=_LIB)
 torch.library.register_fake("brq::silu_mul_mxfp4_linear", _linear_fake, lib=_LIB)
 torch.library.register_fake("brq::rotated_linear", _linear_fake, lib=_LIB)
+torch.library.register_fake("brq::fp8_linear", _linear_fake, lib=_LIB)
 
 mxfp4_linear = torch.ops.brq.mxfp4_linear
 rms_norm_mxfp4_linear = torch.ops.brq.rms_norm_mxfp4_linear
 silu_mul_mxfp4_linear = torch.ops.brq.silu_mul_mxfp4_linear
 rotated_linear = torch.ops.brq.rotated_linear
+fp8_linear = torch.ops.brq.fp8_linear

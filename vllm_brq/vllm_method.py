@@ -7,13 +7,15 @@ serving. Every problem with a checkpoint is raised as ``format.FormatError`` nam
 checkpoint key or tensor, at config time (format_version, activation_format, block size)
 or at load time (missing, misshapen or inconsistent tensors), never at the first request.
 
-Two linear methods:
+Two linear methods, and one for the lm_head:
 - ``BRQLinearMethod``: MXFP4 weights (``weight_packed`` + ``weight_scale``), forward
   through the ``brq::mxfp4_linear`` op (kernels.dispatch picks the backend).
 - ``BRQDenseLinearMethod``: ``--quantizer none`` checkpoints (rotated ``weight`` in the
   source dtype), forward through ``brq::rotated_linear``.
 Both accept an optional ``input_rotation`` ([b, b] shared or [in/b, b, b] per block;
 row-parallel shards take their slice of the per-block form).
+- ``BRQFp8HeadMethod``: ``lm_head_format: fp8`` (format version 2): the ParallelLMHead's e4m3
+  ``weight`` and float32 row ``weight_scale``, forward through ``brq::fp8_linear``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
     register_weight_loader_v2_supported_method,
 )
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     GroupQuantScaleParameter,
@@ -126,8 +129,10 @@ class BRQQuantConfig(QuantizationConfig):
         return kind != "none" and bool(self.brq.rotation.get("r4")) and prefix.endswith("down_proj")
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, ParallelLMHead):
+            return BRQFp8HeadMethod(prefix) if self.brq.lm_head_format == "fp8" else None
         if not isinstance(layer, LinearBase):
-            return None  # embeddings, lm_head (ParallelLMHead), attention: unquantized
+            return None  # embeddings, attention: unquantized
         if self.is_ignored(prefix):
             return UnquantizedLinearMethod()
         if self.brq.weights_quantized:
@@ -373,3 +378,49 @@ class BRQDenseLinearMethod(_BRQMethodBase):
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.rotated_linear(x, layer.weight, layer.input_rotation, bias,
                                   self.config.brq.quantize_activations)
+
+
+class BRQFp8HeadMethod(QuantizeMethodBase):
+    """The FP8 lm_head: y = (Q8(x) s_x)(W8 s_w)^T through ``brq::fp8_linear``. Its tensors go
+    through the ParallelLMHead's own loader (vocabulary shards and padding rows, which get
+    weight and scale 0), after a check of dtype and unsharded shape that names the tensor."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        loader = extra_weight_attrs.pop("weight_loader")
+        layer.brq_loaded = set()
+        rows = sum(output_partition_sizes)
+        for key, (shape, dtype) in fmt.fp8_head_tensor_specs(layer.org_vocab_size, input_size).items():
+            param = Parameter(torch.zeros(rows, *shape[1:], dtype=getattr(torch, dtype)), requires_grad=False)
+            param.output_dim = 0
+            param.weight_loader = self._checked_loader(layer, key, shape, dtype, loader)
+            layer.register_parameter(key, param)
+
+    def _checked_loader(self, layer, key: str, shape: tuple, dtype: str, delegate: Callable) -> Callable:
+        def load(param, loaded_weight):
+            name = f"{self.prefix}.{key}"
+            if loaded_weight.dtype != getattr(torch, dtype):
+                raise fmt.FormatError(f"tensor {name} has dtype {loaded_weight.dtype}, expected {dtype}")
+            if tuple(loaded_weight.shape) != shape:
+                raise fmt.FormatError(f"tensor {name} has shape {list(loaded_weight.shape)}, expected {list(shape)}")
+            delegate(param, loaded_weight)
+            layer.brq_loaded.add(key)
+        return load
+
+    def process_weights_after_loading(self, layer) -> None:
+        for key in fmt.fp8_head_tensor_specs(0, 0):
+            if key not in layer.brq_loaded:
+                raise fmt.FormatError(f"checkpoint is missing tensor {self.prefix}.{key}")
+        if not bool(torch.isfinite(layer.weight_scale).all()):
+            raise fmt.FormatError(f"tensor {self.prefix}.weight_scale holds NaN or Inf")
+        del layer.brq_loaded
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.fp8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def tie_weights(self, layer, embed_tokens):
+        raise fmt.FormatError("an FP8 lm_head (lm_head_format fp8) cannot be tied to the embedding; "
+                              "config.json must set tie_word_embeddings to false")
