@@ -28,9 +28,9 @@ def _round_e4m3(v):
     which adding and removing 1.5 * 2^14 rounds |v| to (the sign put back, -0 included)."""
     bits = v.to(tl.int32, bitcast=True)
     normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
-    sub = (tl.abs(v) + 24576.0) - 24576.0
-    sub = tl.where(bits < 0, -sub, sub)
-    return tl.where(tl.abs(v) < 0.015625, sub, normal.to(tl.float32, bitcast=True))
+    sub = ((tl.abs(v) + 24576.0) - 24576.0).to(tl.int32, bitcast=True)
+    sub = sub | (bits & -2147483648)  # the sign bit back (Triton's -x is 0 - x: no -0 from it)
+    return tl.where(tl.abs(v) < 0.015625, sub, normal).to(tl.float32, bitcast=True)
 
 
 @triton.jit

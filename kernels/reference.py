@@ -130,7 +130,10 @@ FP8_MIN_SCALE = 1.0 / (E4M3_MAX * 512)  # an all-zero row keeps a finite scale
 def fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row FP8: (e4m3 [M, K], float32 scales [M, 1]) with x ~ q * s, s = max|x_row| / 448."""
     xf = x.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(FP8_MIN_SCALE)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    # a tensor divisor: torch on CUDA turns division by a Python scalar into a product with its
+    # rounded reciprocal, which is not the IEEE quotient the kernel computes
+    s = (amax / torch.full_like(amax, E4M3_MAX)).clamp_min(FP8_MIN_SCALE)
     q = (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, s
 
