@@ -401,11 +401,7 @@ class BRQFp8HeadMethod(QuantizeMethodBase):
 
     def _checked_loader(self, layer, key: str, shape: tuple, dtype: str, delegate: Callable) -> Callable:
         def load(param, loaded_weight):
-            name = f"{self.prefix}.{key}"
-            if loaded_weight.dtype != getattr(torch, dtype):
-                raise fmt.FormatError(f"tensor {name} has dtype {loaded_weight.dtype}, expected {dtype}")
-            if tuple(loaded_weight.shape) != shape:
-                raise fmt.FormatError(f"tensor {name} has shape {list(loaded_weight.shape)}, expected {list(shape)}")
+            fmt.check_tensors(self.prefix, {key: loaded_weight}, {key: (shape, dtype)})
             delegate(param, loaded_weight)
             layer.brq_loaded.add(key)
         return load
