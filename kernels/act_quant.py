@@ -119,10 +119,10 @@ def pairs_order(i):
 
 @triton.jit
 def _fp8_values(code, d):
-    """E2M1 code, block exponent minus row exponent d (<= 0) -> float32 E2M1 * 2^(d + 6),
-    0 for d < -14 (flushed); exact in e4m3."""
+    """E2M1 code, block exponent minus row exponent d (<= 0, per block, broadcastable to code)
+    -> float32 E2M1 * 2^(d + 6), 0 for d < -14 (flushed); exact in e4m3."""
     v = e2m1_bits(code).to(tl.float32, bitcast=True)
-    return tl.where((d >= -14)[:, :, None], v * _pow2(tl.maximum(d, -14) + 6)[:, :, None], 0.0)
+    return tl.where(d >= -14, v * _pow2(tl.maximum(d, -14) + 6), 0.0)
 
 
 @triton.jit
@@ -213,7 +213,7 @@ def _act_quant_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, strid
             tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols,
                      v.to(q_ptr.dtype.element_ty), mask=msk)
         else:
-            v = _fp8_values(code, e - erow[None, :])
+            v = _fp8_values(code, (e - erow[None, :])[:, :, None])
             tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols,
                      v.to(tl.float8e4nv), mask=msk)
 
@@ -239,6 +239,84 @@ def _fwht32(x, rs_ptr, NB: tl.constexpr, BM: tl.constexpr, PLAIN: tl.constexpr =
         a, b = tl.split(tl.permute(tl.reshape(y, [NB, BM, 2, 16]), (0, 1, 3, 2)))
         y = tl.reshape(tl.join(a + b, a - b), [NB, BM, 32])
     return y
+
+
+# mma.m16n8k16 (bf16/fp16 in, float32 accumulate) for `_hadamard32_mma`: A = x, a lane's 8
+# loaded elements as its 4 A registers ($8..$11, in load order), B = H16 ($12..$15, two
+# n-tiles), then the H2 butterfly of the two half-block rows; $0..$7 the outputs in memory order.
+_H32_MMA = """
+{
+.reg .f32 z, c0, c1, c2, c3, d0, d1, d2, d3;
+mov.f32 z, 0f00000000;
+mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {c0, c1, c2, c3}, {$8, $9, $10, $11}, {$12, $13}, {z, z, z, z};
+mma.sync.aligned.m16n8k16.row.col.f32.TY.TY.f32 {d0, d1, d2, d3}, {$8, $9, $10, $11}, {$14, $15}, {z, z, z, z};
+add.f32 $0, c0, c2; add.f32 $1, c1, c3; sub.f32 $2, c0, c2; sub.f32 $3, c1, c3;
+add.f32 $4, d0, d2; add.f32 $5, d1, d3; sub.f32 $6, d0, d2; sub.f32 $7, d1, d3;
+}
+"""
+H32_MMA_BF16 = tl.constexpr(_H32_MMA.replace("TY", "bf16"))
+H32_MMA_F16 = tl.constexpr(_H32_MMA.replace("TY", "f16"))
+H32_MMA_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+
+
+@triton.jit
+def _h16_fragments(DTYPE: tl.constexpr):
+    """[32, 8]: what lane l, (g, q) = (l // 4, l % 4), holds of mma.m16n8k16's B operand
+    H16[k][j] = (-1)^popcount(k & j) for the two n-tiles t: element 4t + 2h + i is
+    H16[2q + i + 8h][8t + g] (PTX ISA fragment layout)."""
+    lane = tl.arange(0, 32)[:, None]
+    c = tl.arange(0, 8)[None, :]
+    p = (2 * (lane % 4) + c % 2 + 8 * ((c // 2) % 2)) & (8 * (c // 4) + lane // 4)
+    return tl.where(((p ^ (p >> 1) ^ (p >> 2) ^ (p >> 3)) & 1) == 1, -1.0, 1.0).to(DTYPE)
+
+
+@triton.jit
+def _hadamard32_mma(x, NU: tl.constexpr, MMA: tl.constexpr):
+    """x [NU, 8]: a row's 32-blocks in memory order as units of 8 contiguous elements (unit u =
+    block u // 4, quarter u % 4) -> float32 x @ H32 per block, in the same positions. A thread
+    holds whole units and lane l holds units u = l (mod 32): lane (g, q) = (l // 4, l % 4) has
+    quarter q of block g of a group of 8 blocks. H32 = H2 (x) H16 on index bit 1: a block is two
+    rows of 16 (bit 1 = 0 / 1) for one tensor-core mma with H16, whose k and n indices are the
+    other four bits in the order the fragments hold them (k = bits 0, 3, 4, 2 of the element:
+    relabeling index bits on both sides leaves a Sylvester Hadamard unchanged); then one add
+    and one subtract per output. A lane's
+    8 loaded elements are exactly its A registers and its 8 outputs are again the 8 elements of
+    its unit: no shuffle, no shared memory; per element 0.25 mma + 1 add against the FWHT's 5
+    adds. Sums are exact in float32 under the same condition as `_fwht32`'s (beyond it both
+    round near the last ulp). Relies on Triton's layout for [NU, 8] loads (8 per thread, 32
+    consecutive units per warp; tests/test_kernels_compile_sm90.py checks it). MMA = False (the
+    interpreter): the same transform by `_fwht32`."""
+    if MMA:
+        b = tl.broadcast_to(tl.reshape(_h16_fragments(x.dtype), [1, 32, 8]), [NU // 32, 32, 8])
+        b = tl.reshape(b, [NU, 8])
+        if x.dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(H32_MMA_BF16, H32_MMA_CONSTRAINTS, [x, b], dtype=tl.float32,
+                                             is_pure=True, pack=8)
+        return tl.inline_asm_elementwise(H32_MMA_F16, H32_MMA_CONSTRAINTS, [x, b], dtype=tl.float32, is_pure=True,
+                                         pack=8)
+    return tl.reshape(_fwht32(tl.reshape(x, [NU // 4, 1, 32]), x, NU // 4, 1, PLAIN=True), [NU, 8])
+
+
+@triton.jit
+def _act_quant_fp8_mma_kernel(x_ptr, r_ptr, q_ptr, e_ptr, sc_ptr, K, stride_xm, stride_qm, NU: tl.constexpr,
+                              ROUND: tl.constexpr, MMA: tl.constexpr, SILU: tl.constexpr = False):
+    """MODE_FP8 in one pass with the plain Hadamard R4 (Rotation.plain) on tensor cores
+    (`_hadamard32_mma`): one program per row, held as NU units of 8 elements (16-byte loads,
+    8-byte stores, contiguous per warp); a block's amax is a reduction over its 4 lanes. Same
+    bytes as `_act_quant_fp8_row_kernel` with HAD and PLAIN. SILU: x is silu_mul of the gate_up
+    row at x_ptr."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NU)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    msk = offs < K
+    y = _hadamard32_mma(_load_x(x_ptr + row * stride_xm + offs, msk, K, SILU), NU, MMA)
+    c = tl.abs(tl.load(r_ptr).to(tl.float32))
+    e = _block_exponent(tl.max(tl.max(tl.reshape(tl.abs(y), [NU // 4, 4, 8]), axis=2), axis=1) * c)  # padding -127
+    erow = tl.max(e, axis=0)
+    yb = tl.reshape(y, [NU // 4, 4, 8])
+    v = tl.reshape(_fp8_from_rotated(yb, e[:, None, None], (e - erow)[:, None, None], ROUND, c), [NU, 8])
+    tl.store(q_ptr + row * stride_qm + offs, v.to(tl.float8e4nv), mask=msk)
+    tl.store(e_ptr + row, erow)
+    tl.store(sc_ptr + row, _row_scale(erow))
 
 
 @triton.jit
@@ -310,9 +388,10 @@ def _act_quant_fp8_row_kernel(x_ptr, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, 
 
 
 @triton.jit
-def _fp8_from_rotated(y, e, erow, ROUND: tl.constexpr, c=1.0):
-    """Rotated x / c, y [NB, BM, 32], block exponents e [NB, BM], row exponents erow [BM] ->
-    float32 E2M1 * 2^(e - erow + 6), 0 for e - erow < -14 (exact in e4m3; fp8_reencode_reference).
+def _fp8_from_rotated(y, e, d, ROUND: tl.constexpr, c=1.0):
+    """Rotated x / c (y), its block exponents e and block minus row exponents d (both per block,
+    expanded to y's rank: [NB, BM, 1] for y [NB, BM, 32]) -> float32 E2M1 * 2^(d + 6), 0 for
+    d < -14 (exact in e4m3; fp8_reencode_reference).
     c * 2^-e is exact, so y * (c * 2^-e) = (y * c) * 2^-e: one rounding, as the dot's * c.
     Three roundings of a = y / 2^e to the E2M1 grid (nearest, ties to even, saturate at 6),
     the same values and signs (no -0) each:
@@ -324,8 +403,7 @@ def _fp8_from_rotated(y, e, erow, ROUND: tl.constexpr, c=1.0):
       bit on the float32 bits (add 2^21 - 1 + the kept bit, mask); their sum - 1.5 is the
       magnitude, the sign goes back by a bit-or; scale, flush and the -0 fix are one FMA by a
       per-block multiplier that is 0 for flushed blocks (~13)."""
-    a = y * (c * _pow2(-e))[:, :, None]
-    d = e - erow[None, :]
+    a = y * (c * _pow2(-e))
     if ROUND == "bits":
         m = tl.abs(a)  # below 1.5: spacing 0.5 by the magic add; from 1.5 up: one mantissa bit
         lo = (tl.minimum(m, 1.5) + 6291456.0) - 6291457.5  # 1.5 * 2^22 (spacing 0.5), minus 1.5
@@ -333,14 +411,14 @@ def _fp8_from_rotated(y, e, erow, ROUND: tl.constexpr, c=1.0):
         hi = ((hb + 0x1FFFFF + ((hb >> 22) & 1)) & -4194304).to(tl.float32, bitcast=True)  # 0xFFC00000
         r = tl.minimum(lo + hi, 6.0).to(tl.int32, bitcast=True) | (a.to(tl.int32, bitcast=True) & -2147483648)
         mult = tl.where(d >= -14, _pow2(tl.maximum(d, -14) + 6), 0.0)  # 0: the flushed blocks
-        return r.to(tl.float32, bitcast=True) * mult[:, :, None] + 0.0  # + 0.0: -0 -> +0
+        return r.to(tl.float32, bitcast=True) * mult + 0.0  # + 0.0: -0 -> +0
     if ROUND == "fast":
         m = tl.abs(a)
         inv = tl.where(m < 2.0, 2.0, tl.where(m < 4.0, 1.0, 0.5))
         sp = tl.where(m < 2.0, 0.5, tl.where(m < 4.0, 1.0, 2.0))
         t = (a * inv + 12582912.0) - 12582912.0  # rint, |a * inv| < 16
         r = tl.minimum(tl.maximum(t * sp, -6.0), 6.0) + 0.0
-        return tl.where((d >= -14)[:, :, None], r * _pow2(tl.maximum(d, -14) + 6)[:, :, None], 0.0)
+        return tl.where(d >= -14, r * _pow2(tl.maximum(d, -14) + 6), 0.0)
     idx = _e2m1_index(tl.abs(a))
     code = idx | ((a < 0) & (idx > 0)).to(tl.int32) << 3
     return _fp8_values(code, d)
@@ -363,7 +441,7 @@ def _fp8_row_tile(x, r_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_q
         c = 1.0
     e = _block_exponent(tl.max(tl.abs(y), axis=2) * c)  # [NBP, BM]
     erow = tl.max(e, axis=0)  # [BM]
-    v = _fp8_from_rotated(y, e, erow, ROUND, c)
+    v = _fp8_from_rotated(y, e[:, :, None], (e - erow[None, :])[:, :, None], ROUND, c)
     _store_rows(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm, v.to(tl.float8e4nv),
                 (offs_m < M)[None, :, None], K, NBP, BM, HAD)
     tl.store(e_ptr + offs_m, erow, mask=offs_m < M)
@@ -436,7 +514,7 @@ def _fp8_apply_kernel(x_ptr, r_ptr, rs_ptr, pm_ptr, q_ptr, e_ptr, sc_ptr, M, K, 
     x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm + cols, mask=msk, other=0.0)
     y = _rotate(x, r_ptr, offs_nb, offs_i, k0 // 32, R_BSTRIDE, BM, NB, HAS_R, ROT_PRECISION, SIGN, rs_ptr)
     e = _block_exponent(tl.max(tl.abs(y), axis=2))
-    v = _fp8_from_rotated(y, e, erow, ROUND)
+    v = _fp8_from_rotated(y, e[:, :, None], (e - erow[None, :])[:, :, None], ROUND)
     tl.store(q_ptr + offs_m.to(tl.int64)[None, :, None] * stride_qm + cols, v.to(tl.float8e4nv), mask=msk)
     if pc == 0:
         tl.store(e_ptr + offs_m, erow, mask=row_in)
@@ -566,7 +644,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
                         num_warps: int | None = None, rot_precision: str = "tf32x3", row_kernel: bool | None = None,
                         with_scale: bool = False, fp8_impl: str | None = None,
                         programs_per_sm: int | None = None, rounding: str = "bits",
-                        launch_dependents: bool = False, pdl: bool = False, silu: bool = False):
+                        launch_dependents: bool = False, pdl: bool = False, silu: bool = False,
+                        hadamard: str = "mma"):
     """x [M, K] (K % 32 == 0) -> per `mode`: (packed uint8 [M, K/2], scales uint8 [M, K/32]);
     (MODE_PAIRS: float16 [M, K] in `pairs_order`, scales uint8 [M, K/32]);
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
@@ -585,7 +664,10 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     its launch overlaps that kernel's tail. Ignored by the interpreter.
     silu: x is vLLM's gate_up [M, 2K] and the quantized activation is silu_mul(gate, up) [M, K]
     (the input of down_proj), computed in the kernel's loads (not with the persistent or
-    two-phase FP8 kernels)."""
+    two-phase FP8 kernels).
+    hadamard (MODE_FP8 'row' with the plain Hadamard, Rotation.plain: brq-convert's R4): "mma"
+    (`_act_quant_fp8_mma_kernel`, tensor cores; the FWHT under the interpreter) or "fwht" (the
+    row kernel's in-register FWHT, round 5); the same bytes."""
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     if silu:
@@ -613,6 +695,17 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
             raise ValueError(f"silu is fused into the 'row' and 'walk' FP8 kernels, not {fp8_impl!r}")
         sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
         args = (x, r if r is not None else x, rs)
+        if hadamard not in ("mma", "fwht"):
+            raise ValueError(f"hadamard must be 'mma' or 'fwht', got {hadamard!r}")
+        if (fp8_impl == "row" and hadamard == "mma" and isinstance(input_rotation, Rotation) and input_rotation.plain
+                and K <= ROW_KERNEL_MAX_K):
+            nu = max(32, triton.next_power_of_2(K // 8))
+            # one row per program; warps: 8 at K = 14336 (as the FWHT row kernel), 4 at K <= 4096
+            _act_quant_fp8_mma_kernel[(M,)](x, r, q, s, sc, K, x.stride(0), q.stride(0), NU=nu, ROUND=rounding,
+                                            MMA=not _interpreting(),
+                                            num_warps=num_warps or (16 if silu and nu >= 1024 else 8 if nu >= 1024 else 4),
+                                            **({"SILU": True} if silu else {}))
+            return (q, s, sc) if with_scale else (q, s)
         if fp8_impl in ("row", "persist"):
             nbp = triton.next_power_of_2(K // 32)
             if fp8_impl == "row":

@@ -153,6 +153,14 @@ def act_rounding() -> str:
     return _env_choice("BRQ_ACT_ROUNDING", "bits", ("fast", "bits"))
 
 
+def hadamard_impl() -> str:
+    """How the prefill act-quant applies the plain R4 Hadamard (brq-convert's down_proj input
+    rotation), the same bytes either way: "mma" (default since round 14: a tensor-core mma with
+    H16 and one butterfly, act_quant._hadamard32_mma) or "fwht" (round 5's in-register FWHT;
+    BRQ_HADAMARD=fwht)."""
+    return _env_choice("BRQ_HADAMARD", "mma", ("mma", "fwht"))
+
+
 # the persistent decode gemv_a4 wins only where each program walks several row tiles: H100,
 # gate_up (N = 28672) 32.1 -> 29.7 us; qkv, o and down (N <= 6144) lose 0.4-1.7 us
 PERSIST_MIN_N = 16384
@@ -315,7 +323,8 @@ def brq_linear(
         # "pairs": MXFP4 activation as fp16 pairs + the fp16 block-sum gemv; "fp8": one-pass row
         # act-quant (K <= ROW_KERNEL_MAX_K, no per-block R, else two-phase) + the FP8 GEMM
         def quantize(mode, **options):
-            return aq.quantize_activation(x2, rot, mode, with_scale=mode == aq.MODE_FP8, **options)
+            return aq.quantize_activation(x2, rot, mode, with_scale=mode == aq.MODE_FP8, hadamard=hadamard_impl(),
+                                          **options)
 
         y = _quantized_linear(route, backend, quantize, weight_packed, weight_scale, bias, weight_fp8,
                               weight_fp8_scale, x.dtype)
@@ -451,7 +460,8 @@ def brq_silu_linear(
     rot = _rotation(input_rotation, rotation_sign)
 
     def quantize(mode, **options):
-        return aq.quantize_activation(x2, rot, mode, silu=True, with_scale=mode == aq.MODE_FP8, **options)
+        return aq.quantize_activation(x2, rot, mode, silu=True, with_scale=mode == aq.MODE_FP8,
+                                      hadamard=hadamard_impl(), **options)
 
     y = _quantized_linear(route, backend, quantize, weight_packed, weight_scale, bias, weight_fp8, weight_fp8_scale,
                           gate_up.dtype)

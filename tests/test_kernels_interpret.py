@@ -93,7 +93,7 @@ def _run(name, seed):
     if name == "silu_quant":  # SiLU-mul of gate_up computed in the act-quant's loads (down_proj's input)
         gu = torch.cat([x.half(), (x.float().flip(0) * 0.5).half()], 1)  # [M, 2K], outliers in both halves
         xs = ref.silu_mul_reference(gu)
-        for r in (None, aq.Rotation.prepare(rots[1], dtype=torch.float16)):
+        for r in (None, aq.Rotation.prepare(rots[1], dtype=torch.float16), aq.Rotation.prepare(hadamard(32).float())):
             for mode in (aq.MODE_PAIRS, aq.MODE_MXFP4):
                 got, want = aq.quantize_activation(gu, r, mode, silu=True), aq.quantize_activation(xs, r, mode)
                 assert all((g != w).sum() <= 2 for g, w in zip(got, want)), mode  # exp: a tie may move a code
@@ -131,6 +131,14 @@ def _run(name, seed):
                 assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)), (impl, rounding)
             f, e = aq.quantize_activation(x, r, aq.MODE_FP8, nb=2, fp8_impl="walk")
             assert torch.equal(f.float(), f0) and torch.equal(e, e0)
+        # the plain R4 takes the tensor-core Hadamard kernel (its [units, 8] layout; the FWHT here),
+        # or the row kernel's FWHT: the same bytes, in both 16-bit dtypes, K = 160 a partial 8-block group
+        for xx in (x, x.half(), x[:, :160].contiguous()):
+            f0, e0 = ref.fp8_reencode_reference(*ref.quantize_activation_reference(xx, rpl.r))
+            for had in ("mma", "fwht"):
+                f, e, sc = aq.quantize_activation(xx, rpl, aq.MODE_FP8, with_scale=True, fp8_impl="row", hadamard=had)
+                assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)), had
+                assert torch.equal(e, e0) and torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float()), had
         return
     wp, ws = mxfp4.quantize(w)
     r = rots[1]
