@@ -33,7 +33,7 @@ from vllm_brq.kernels import reference as ref  # noqa: E402
 from vllm_brq.rotation import hadamard  # noqa: E402
 
 LAUNCHES = ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16))  # (rows per program, warps) of the row kernel
-UNITS_WARPS = (4, 8, 16)  # the units kernel (one row per program)
+MMA_WARPS = (4, 8, 16)  # the tensor-core Hadamard kernel: one row per program
 
 
 def _bytes(t):
@@ -58,22 +58,20 @@ def main() -> None:
     for M in (8192, 1024):
         x = outlier_x(M, K, gen)
         gu = outlier_x(M, 2 * K, gen)
-        # (input, rotation, SiLU-mul, kernel): "row" (the row kernel; with R4 its FWHT), "units" (the
-        # units kernel; with R4 the tensor-core Hadamard: the default)
-        variants = {"none": (x, None, False, "row"), "none_units": (x, None, False, "units"),
-                    "r4": (x, r4, False, "units"), "r4_fwht": (x, r4, False, "row"),
-                    "silu_r4": (gu, r4, True, "units"), "silu_r4_fwht": (gu, r4, True, "row")}
-        for vname, (inp, rot, silu, impl) in variants.items():
-            def run(bm=None, warps=None, inp=inp, rot=rot, silu=silu, impl=impl):
-                return aq.quantize_activation(inp, rot, aq.MODE_FP8, with_scale=True, fp8_impl=impl, silu=silu,
-                                              block_m=bm, num_warps=warps, hadamard="fwht")
+        variants = {"none": (x, None, False, "fwht"), "r4": (x, r4, False, "mma"), "r4_fwht": (x, r4, False, "fwht"),
+                    "silu_r4": (gu, r4, True, "mma"), "silu_r4_fwht": (gu, r4, True, "fwht")}
+        for vname, (inp, rot, silu, had) in variants.items():
+            def run(bm=None, warps=None, inp=inp, rot=rot, silu=silu, had=had):
+                return aq.quantize_activation(inp, rot, aq.MODE_FP8, with_scale=True, fp8_impl="row", silu=silu,
+                                              block_m=bm, num_warps=warps, hadamard=had)
             want = run()
             if rot is not None and M == 1024:
                 f0, e0 = _reference(inp, rot, silu)
                 vs_reference[vname] = dict(code_bytes_differing=int((_bytes(want[0]) != _bytes(f0)).sum()),
                                            of=want[0].numel(), row_exponents_equal=bool(torch.equal(want[1], e0)))
                 print(vname, vs_reference[vname], flush=True)
-            for bm, warps in [(1, w) for w in UNITS_WARPS] if impl == "units" else LAUNCHES:
+            launches = [(1, w) for w in MMA_WARPS] if had == "mma" and rot is not None else LAUNCHES
+            for bm, warps in launches:
                 got = run(bm, warps)
                 same[f"M={M} {vname} BM={bm} warps={warps}"] = all(
                     torch.equal(_bytes(a), _bytes(b)) for a, b in zip(got, want))
@@ -86,10 +84,9 @@ def main() -> None:
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     default = {(r["M"], r["variant"]): r for r in rows if (r["BM"], r["warps"]) == (1, 8)}
-    overhead = {f"M={M} {v} vs {base}": {
-        "default launch (1, 8)": round(default[(M, v)]["us"] / default[(M, base)]["us"] - 1, 3),
-        "best of each": round(best[(M, v)]["us"] / best[(M, base)]["us"] - 1, 3)}
-        for M in (8192, 1024) for v, base in (("r4", "none_units"), ("r4", "none"), ("r4_fwht", "none"))}
+    overhead = {f"M={M} {v}": {"default launch (1, 8)": round(default[(M, v)]["us"] / default[(M, "none")]["us"] - 1, 3),
+                               "best of each": round(best[(M, v)]["us"] / best[(M, "none")]["us"] - 1, 3)}
+                for M in (8192, 1024) for v in ("r4", "r4_fwht")}
     print(overhead)
     write_results(args.out, "act-quant-sweep", {"rows": rows, "rotation_overhead": overhead,
                                                 "best": {f"M={k[0]} {k[1]}": v for k, v in best.items()},

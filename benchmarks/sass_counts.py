@@ -95,15 +95,13 @@ def main() -> None:
             n = len(sass(ck))
             print(f"act-quant FP8 row K=14336, {label}, rounding {rounding}: {n} instructions, "
                   f"{n / per_thread:.1f} per element")
-    units_ptrs = {"x_ptr": "*bf16", "r_ptr": "*fp32", "q_ptr": "*fp8e4nv", "e_ptr": "*i32", "sc_ptr": "*fp32"}
-    p0, p1, p2 = aq.unit_pieces(14336, warps)  # round 14's units kernel: 1024 + 512 + 256 units, no padding
-    per_thread_units = (p0 + p1 + p2) * 8 / (warps * 32)
-    for label, rot in (("no rotation", False), ("mma Hadamard, plain R4", True)):
-        ck = compile_sm90(aq._act_quant_fp8_mma_kernel, units_ptrs,
-                          dict(P0=p0, P1=p1, P2=p2, ROUND="bits", MMA=True, ROTATE=rot), warps)
+    for rounding in ("fast", "bits"):  # the plain R4 on tensor cores (round 14): NU = 2048 units of 8
+        ck = compile_sm90(aq._act_quant_fp8_mma_kernel, {"x_ptr": "*bf16", "r_ptr": "*fp32", "q_ptr": "*fp8e4nv",
+                                                         "e_ptr": "*i32", "sc_ptr": "*fp32"},
+                          dict(NU=nbp * 4, ROUND=rounding, MMA=True), warps)
         n = len(sass(ck))
-        print(f"act-quant FP8 units K=14336, {label}, rounding bits: {n} instructions, "
-              f"{n / per_thread_units:.1f} per element (no padding: the row kernel's are over 512 blocks)")
+        print(f"act-quant FP8 row K=14336, mma Hadamard, plain R4, rounding {rounding}: {n} instructions, "
+              f"{n / per_thread:.1f} per element")
     ptrs = dict(WEIGHTS, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32")
     for bn, nbk, w in ((4, 32, 4), (2, 32, 2)):
         ck = compile_sm90(gemm._gemv_a4_kernel, ptrs, dict(HAS_BIAS=False, BM=1, BN=bn, NBK=nbk, USE_ASM=True,

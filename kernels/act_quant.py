@@ -298,73 +298,25 @@ def _hadamard32_mma(x, NU: tl.constexpr, MMA: tl.constexpr):
 
 
 @triton.jit
-def _units_rotated(x_ptr, u0, P: tl.constexpr, K, SILU: tl.constexpr, ROTATE: tl.constexpr, MMA: tl.constexpr):
-    """Units [u0, u0 + P) of a row (8 elements each, 0 past K) -> (float32 y = x @ H32 per block,
-    or x itself without ROTATE; the mask of real elements; the offsets)."""
-    offs = (u0 + tl.arange(0, P))[:, None] * 8 + tl.arange(0, 8)[None, :]
-    msk = offs < K
-    x = _load_x(x_ptr + offs, msk, K, SILU)
-    if ROTATE:
-        return _hadamard32_mma(x, P, MMA), msk, offs
-    return x.to(tl.float32), msk, offs
-
-
-@triton.jit
-def _unit_block_exponents(y, P: tl.constexpr, c):
-    """Block exponents [P / 4] of units y [P, 8] (a block is 4 consecutive units; -127 for padding)."""
-    return _block_exponent(tl.max(tl.max(tl.reshape(tl.abs(y), [P // 4, 4, 8]), axis=2), axis=1) * c)
-
-
-@triton.jit
-def _store_units(q_ptr, y, e, erow, msk, offs, P: tl.constexpr, ROUND: tl.constexpr, c):
-    v = _fp8_from_rotated(tl.reshape(y, [P // 4, 4, 8]), e[:, None, None], (e - erow)[:, None, None], ROUND, c)
-    tl.store(q_ptr + offs, tl.reshape(v, [P, 8]).to(tl.float8e4nv), mask=msk)
-
-
-@triton.jit
-def _act_quant_fp8_mma_kernel(x_ptr, r_ptr, q_ptr, e_ptr, sc_ptr, K, stride_xm, stride_qm, P0: tl.constexpr,
-                              P1: tl.constexpr, P2: tl.constexpr, ROUND: tl.constexpr, MMA: tl.constexpr,
-                              SILU: tl.constexpr = False, ROTATE: tl.constexpr = True):
+def _act_quant_fp8_mma_kernel(x_ptr, r_ptr, q_ptr, e_ptr, sc_ptr, K, stride_xm, stride_qm, NU: tl.constexpr,
+                              ROUND: tl.constexpr, MMA: tl.constexpr, SILU: tl.constexpr = False):
     """MODE_FP8 in one pass with the plain Hadamard R4 (Rotation.plain) on tensor cores
-    (`_hadamard32_mma`): one program per row, held as units of 8 elements (16-byte loads, 8-byte
-    stores, contiguous per warp) in up to three pieces of P0 >= P1 >= P2 units (powers of two;
-    0: absent), so a row of 1792 units (K = 14336) is 1024 + 512 + 256, not padded to 2048; a
-    block's amax is a reduction over its 4 lanes. Same bytes as `_act_quant_fp8_row_kernel` with
-    HAD and PLAIN. SILU: x is silu_mul of the gate_up row at x_ptr. ROTATE = False: the same
-    kernel without the rotation (benchmarks/act_quant_sweep.py: what the rotation itself costs)."""
+    (`_hadamard32_mma`): one program per row, held as NU units of 8 elements (16-byte loads,
+    8-byte stores, contiguous per warp); a block's amax is a reduction over its 4 lanes. Same
+    bytes as `_act_quant_fp8_row_kernel` with HAD and PLAIN. SILU: x is silu_mul of the gate_up
+    row at x_ptr."""
     row = tl.program_id(0).to(tl.int64)
-    xr = x_ptr + row * stride_xm
-    qr = q_ptr + row * stride_qm
-    c = tl.abs(tl.load(r_ptr).to(tl.float32)) if ROTATE else 1.0
-    y0, m0, o0 = _units_rotated(xr, 0, P0, K, SILU, ROTATE, MMA)
-    e0 = _unit_block_exponents(y0, P0, c)
-    erow = tl.max(e0, axis=0)
-    if P1 > 0:
-        y1, m1, o1 = _units_rotated(xr, P0, P1, K, SILU, ROTATE, MMA)
-        e1 = _unit_block_exponents(y1, P1, c)
-        erow = tl.maximum(erow, tl.max(e1, axis=0))
-    if P2 > 0:
-        y2, m2, o2 = _units_rotated(xr, P0 + P1, P2, K, SILU, ROTATE, MMA)
-        e2 = _unit_block_exponents(y2, P2, c)
-        erow = tl.maximum(erow, tl.max(e2, axis=0))
-    _store_units(qr, y0, e0, erow, m0, o0, P0, ROUND, c)
-    if P1 > 0:
-        _store_units(qr, y1, e1, erow, m1, o1, P1, ROUND, c)
-    if P2 > 0:
-        _store_units(qr, y2, e2, erow, m2, o2, P2, ROUND, c)
+    offs = tl.arange(0, NU)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    msk = offs < K
+    y = _hadamard32_mma(_load_x(x_ptr + row * stride_xm + offs, msk, K, SILU), NU, MMA)
+    c = tl.abs(tl.load(r_ptr).to(tl.float32))
+    e = _block_exponent(tl.max(tl.max(tl.reshape(tl.abs(y), [NU // 4, 4, 8]), axis=2), axis=1) * c)  # padding -127
+    erow = tl.max(e, axis=0)
+    yb = tl.reshape(y, [NU // 4, 4, 8])
+    v = tl.reshape(_fp8_from_rotated(yb, e[:, None, None], (e - erow)[:, None, None], ROUND, c), [NU, 8])
+    tl.store(q_ptr + row * stride_qm + offs, v.to(tl.float8e4nv), mask=msk)
     tl.store(e_ptr + row, erow)
     tl.store(sc_ptr + row, _row_scale(erow))
-
-
-def unit_pieces(K: int, warps: int) -> tuple[int, int, int]:
-    """`_act_quant_fp8_mma_kernel`'s pieces for a row of K: K / 8 units as up to three powers of
-    two, largest first, none smaller than a unit per thread (32 * warps; the last is padded up)."""
-    units, least, pieces = K // 8, 32 * warps, []
-    while units > 0 and len(pieces) < 3:
-        p = max(least, triton.next_power_of_2(units) if len(pieces) == 2 else 1 << (units.bit_length() - 1))
-        pieces.append(p)
-        units -= p
-    return tuple(pieces + [0] * (3 - len(pieces)))
 
 
 @triton.jit
@@ -700,9 +652,7 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     (+ float32 row scales 2^(E-6) [M, 1] with `with_scale`).
     MODE_FP8 `fp8_impl`: 'persist' (one pass, persistent, next rows prefetched), 'row' (one
     pass, a program per row tile), 'two_phase' (2D grid: chunk maxima, then re-read and
-    write), 'walk' (round 1: a row walk, twice), 'units' (one pass, a row per program as units
-    of 8 elements; no rotation or the plain Hadamard on tensor cores); None picks
-    `default_fp8_impl`.
+    write), 'walk' (round 1: a row walk, twice); None picks `default_fp8_impl`.
     `input_rotation`: None, a tensor, or a `Rotation` (sign-matrix fast path).
     rounding (MODE_FP8 row/persist/two_phase): "bits" (default since round 8: select-free, -7 %
     at K = 4096 unrotated, neutral with the FWHT, H100), "fast" (round 3) or "compare"; the same
@@ -716,8 +666,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     (the input of down_proj), computed in the kernel's loads (not with the persistent or
     two-phase FP8 kernels).
     hadamard (MODE_FP8 'row' with the plain Hadamard, Rotation.plain: brq-convert's R4): "mma"
-    ('units': `_act_quant_fp8_mma_kernel`, tensor cores; the FWHT under the interpreter) or
-    "fwht" (the row kernel's in-register FWHT, round 5); the same bytes."""
+    (`_act_quant_fp8_mma_kernel`, tensor cores; the FWHT under the interpreter) or "fwht" (the
+    row kernel's in-register FWHT, round 5); the same bytes."""
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     if silu:
@@ -741,23 +691,19 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
             fp8_impl = default_fp8_impl(M, K, r_bstride)
         if fp8_impl in ("row", "persist") and (K > ROW_KERNEL_MAX_K or r_bstride):
             raise ValueError("the one-pass FP8 kernels take K <= 16384 and a shared rotation")
-        if silu and fp8_impl not in ("row", "walk", "units"):
-            raise ValueError(f"silu is fused into the 'row', 'units' and 'walk' FP8 kernels, not {fp8_impl!r}")
+        if silu and fp8_impl not in ("row", "walk"):
+            raise ValueError(f"silu is fused into the 'row' and 'walk' FP8 kernels, not {fp8_impl!r}")
         sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
         args = (x, r if r is not None else x, rs)
         if hadamard not in ("mma", "fwht"):
             raise ValueError(f"hadamard must be 'mma' or 'fwht', got {hadamard!r}")
-        plain = isinstance(input_rotation, Rotation) and input_rotation.plain
-        if fp8_impl == "row" and hadamard == "mma" and plain:
-            fp8_impl = "units"
-        if fp8_impl == "units":
-            if not (plain or input_rotation is None) or K > ROW_KERNEL_MAX_K:
-                raise ValueError("fp8_impl 'units' takes K <= 16384 and no rotation or the plain Hadamard")
-            # one row per program; warps: 8 at K = 14336 (16 with SiLU-mul), 4 at K <= 4096
-            warps = num_warps or (16 if silu and K > 8192 else 8 if K > 8192 else 4)
-            p0, p1, p2 = unit_pieces(K, warps)
-            _act_quant_fp8_mma_kernel[(M,)](x, r if r is not None else x, q, s, sc, K, x.stride(0), q.stride(0), P0=p0, P1=p1, P2=p2,
-                                            ROUND=rounding, MMA=not _interpreting(), ROTATE=plain, num_warps=warps,
+        if (fp8_impl == "row" and hadamard == "mma" and isinstance(input_rotation, Rotation) and input_rotation.plain
+                and K <= ROW_KERNEL_MAX_K):
+            nu = max(32, triton.next_power_of_2(K // 8))
+            # one row per program; warps: 8 at K = 14336 (as the FWHT row kernel), 4 at K <= 4096
+            _act_quant_fp8_mma_kernel[(M,)](x, r, q, s, sc, K, x.stride(0), q.stride(0), NU=nu, ROUND=rounding,
+                                            MMA=not _interpreting(),
+                                            num_warps=num_warps or (16 if silu and nu >= 1024 else 8 if nu >= 1024 else 4),
                                             **({"SILU": True} if silu else {}))
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl in ("row", "persist"):

@@ -74,13 +74,12 @@ ACT_CASES["act_quant_2d_silu"] = (aq._act_quant_kernel, dict(ACT, q_ptr="*fp16",
                                   [dict(R_BSTRIDE=0, HAS_R=True, MODE=aq.MODE_PAIRS, BM=1, NB=16,
                                         ROT_PRECISION="tf32x3", SIGN=True, LAUNCH_DEPENDENTS=True, SILU=True)])
 MMA_PTRS = {"r_ptr": "*fp32", "q_ptr": "*fp8e4nv", "e_ptr": "*i32", "sc_ptr": "*fp32"}
-ACT_CASES["act_quant_fp8_units"] = (  # the units kernel (round 14): plain R4 on tensor cores or none, SiLU-mul too
+ACT_CASES["act_quant_fp8_mma"] = (  # the plain R4 on tensor cores (round 14), bf16 and fp16, SiLU-mul too
     aq._act_quant_fp8_mma_kernel, dict(MMA_PTRS, x_ptr="*bf16"),
-    [dict(P0=p0, P1=p1, P2=p2, ROUND=rnd, MMA=True, SILU=silu, ROTATE=rot, num_warps=w)
-     for (p0, p1, p2, w) in ((1024, 512, 256, 8), (1024, 512, 512, 16), (512, 0, 0, 4))
-     for rnd in ("fast", "bits") for silu in (False, True) for rot in (True, False)])
-ACT_CASES["act_quant_fp8_units_f16"] = (aq._act_quant_fp8_mma_kernel, dict(MMA_PTRS, x_ptr="*fp16"),
-                                        [dict(P0=1024, P1=512, P2=256, ROUND="bits", MMA=True, num_warps=8)])
+    [dict(NU=nu, ROUND=rnd, MMA=True, SILU=silu, num_warps=w) for nu, w in ((2048, 8), (2048, 16), (512, 4))
+     for rnd in ("fast", "bits") for silu in (False, True)])
+ACT_CASES["act_quant_fp8_mma_f16"] = (aq._act_quant_fp8_mma_kernel, dict(MMA_PTRS, x_ptr="*fp16"),
+                                      [dict(NU=2048, ROUND="bits", MMA=True, num_warps=8)])
 NORM = {"x_ptr": "*bf16", "r_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*bf16", "eps": "fp32"}
 ACT_CASES.update({
     "norm_fp8_row": (nq._norm_fp8_row_kernel, dict(NORM, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
@@ -180,23 +179,21 @@ def test_probe_kernels_compile_to_what_they_measure():
 @pytest.mark.parametrize("warps,silu,x_type", [(8, False, "*bf16"), (16, True, "*bf16"), (4, False, "*fp16")])
 def test_hadamard_mma_gets_the_layout_its_fragments_assume(warps, silu, x_type):
     """`_hadamard32_mma` hands a lane's 8 loaded elements to mma.sync as its A registers, which
-    is right only if Triton lays each [P, 8] piece of the row out as 8 elements per thread and 32
-    consecutive units per warp, and feeds the inline asm in that layout (no conversion in
-    between), with the registers in load order (no moves into another order before the
-    tensor-core op)."""
-    pieces = aq.unit_pieces(14336 if warps > 4 else 4096, warps)
+    is right only if Triton lays the [NU, 8] row out as 8 elements per thread and 32 consecutive
+    units per warp, and feeds the inline asm in that layout (no conversion in between), with the
+    registers in load order (no moves into another order before the tensor-core op)."""
+    nu = 2048 if warps > 4 else 512
     ck = _compile(aq._act_quant_fp8_mma_kernel, dict(MMA_PTRS, x_ptr=x_type),
-                  dict(P0=pieces[0], P1=pieces[1], P2=pieces[2], ROUND="bits", MMA=True, SILU=silu), warps)
+                  dict(NU=nu, ROUND="bits", MMA=True, SILU=silu), warps)
     ttgir = ck.asm["ttgir"]
     layout = f"sizePerThread = [1, 8], threadsPerWarp = [32, 1], warpsPerCTA = [{warps}, 1], order = [1, 0]"
     blocked = [ln.split(" = ", 1)[0] for ln in ttgir.splitlines() if ln.startswith("#blocked") and layout in ln]
     assert blocked, ttgir[:2000]
     asm_ops = [ln for ln in ttgir.splitlines() if "tt.elementwise_inline_asm" in ln]
-    assert len(asm_ops) == sum(p > 0 for p in pieces)
-    assert all(f"x8x{'bf16' if 'bf' in x_type else 'f16'}, {blocked[0]}>" in ln for ln in asm_ops)
+    assert asm_ops and all(f"x8x{'bf16' if 'bf' in x_type else 'f16'}, {blocked[0]}>" in ln for ln in asm_ops)
     assert "convert_layout" not in ttgir and "local_alloc" not in ttgir
     ops = [ins.split()[0] for _, ins in sass(ck)]
-    per_thread_units = sum(pieces) // (32 * warps)
+    per_thread_units = nu // (32 * warps)
     assert sum(op.startswith("HMMA.16816.F32") for op in ops) == 2 * per_thread_units
     # the A registers are the loaded quads themselves: a reorder would cost 8 moves per unit (the
     # few left copy the B constants into register pairs)
