@@ -116,7 +116,7 @@ def markdown(result: dict) -> str:
     ms = sorted({r["M"] for r in result["rows"]})
     lines = ["| segment | " + " | ".join(f"M = {m}" if i == 0 else str(m) for i, m in enumerate(ms)) + " |",
              "| --- |" + " --- |" * len(ms)]
-    for op in names:
+    for op in (op for op in names if any(r["op"] == op for r in result["rows"])):  # the shapes that ran
         rows = {r["M"]: r for r in result["rows"] if r["op"] == op}
         for key, label in (("unfused_vs_bf16", "unfused"), ("fused_vs_bf16", "fused")):
             lines.append(f"| {names[op]}, {label} | " + " | ".join(f"{rows[m][key]:.2f}x" for m in ms) + " |")
