@@ -84,7 +84,8 @@ def main() -> None:
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     default = {(r["M"], r["variant"]): r for r in rows if (r["BM"], r["warps"]) == (1, 8)}
-    overhead = {f"M={M} {v}": {"default launch (1, 8)": round(default[(M, v)]["us"] / default[(M, "none")]["us"] - 1, 3),
+    overhead = {f"M={M} {v}": {"default launch (1, 8)": round(default[(M, v)]["us"] / default[(M, "none")]["us"] - 1,
+                                                              3),
                                "best of each": round(best[(M, v)]["us"] / best[(M, "none")]["us"] - 1, 3)}
                 for M in (8192, 1024) for v in ("r4", "r4_fwht")}
     print(overhead)

@@ -279,13 +279,12 @@ def _hadamard32_mma(x, NU: tl.constexpr, MMA: tl.constexpr):
     rows of 16 (bit 1 = 0 / 1) for one tensor-core mma with H16, whose k and n indices are the
     other four bits in the order the fragments hold them (k = bits 0, 3, 4, 2 of the element:
     relabeling index bits on both sides leaves a Sylvester Hadamard unchanged); then one add
-    and one subtract per output. A lane's
-    8 loaded elements are exactly its A registers and its 8 outputs are again the 8 elements of
-    its unit: no shuffle, no shared memory; per element 0.25 mma + 1 add against the FWHT's 5
-    adds. Sums are exact in float32 under the same condition as `_fwht32`'s (beyond it both
-    round near the last ulp). Relies on Triton's layout for [NU, 8] loads (8 per thread, 32
-    consecutive units per warp; tests/test_kernels_compile_sm90.py checks it). MMA = False (the
-    interpreter): the same transform by `_fwht32`."""
+    and one subtract per output. A lane's 8 loaded elements are exactly its A registers and its
+    8 outputs are again the 8 elements of its unit: no shuffle, no shared memory; per element
+    0.25 mma + 1 add against the FWHT's 5 adds. Sums are exact in float32 under the same
+    condition as `_fwht32`'s (beyond it both round near the last ulp). Relies on Triton's layout
+    for [NU, 8] loads (8 per thread, 32 consecutive units per warp; tests/test_kernels_compile_sm90.py
+    checks it). MMA = False (the interpreter): the same transform by `_fwht32`."""
     if MMA:
         b = tl.broadcast_to(tl.reshape(_h16_fragments(x.dtype), [1, 32, 8]), [NU // 32, 32, 8])
         b = tl.reshape(b, [NU, 8])
@@ -700,10 +699,10 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
         if (fp8_impl == "row" and hadamard == "mma" and isinstance(input_rotation, Rotation) and input_rotation.plain
                 and K <= ROW_KERNEL_MAX_K):
             nu = max(32, triton.next_power_of_2(K // 8))
-            # one row per program; warps: 8 at K = 14336 (as the FWHT row kernel), 4 at K <= 4096
+            # one row per program; H100 (act_quant_sweep.py): 8 warps at K = 14336 (16 with SiLU-mul)
+            warps = num_warps or (4 if nu < 1024 else 16 if silu else 8)
             _act_quant_fp8_mma_kernel[(M,)](x, r, q, s, sc, K, x.stride(0), q.stride(0), NU=nu, ROUND=rounding,
-                                            MMA=not _interpreting(),
-                                            num_warps=num_warps or (16 if silu and nu >= 1024 else 8 if nu >= 1024 else 4),
+                                            MMA=not _interpreting(), num_warps=warps,
                                             **({"SILU": True} if silu else {}))
             return (q, s, sc) if with_scale else (q, s)
         if fp8_impl in ("row", "persist"):
