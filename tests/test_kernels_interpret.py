@@ -139,6 +139,11 @@ def _run(name, seed):
                 f, e, sc = aq.quantize_activation(xx, rpl, aq.MODE_FP8, with_scale=True, fp8_impl="row", hadamard=had)
                 assert torch.equal(f.view(torch.uint8), f0.to(torch.float8_e4m3fn).view(torch.uint8)), had
                 assert torch.equal(e, e0) and torch.equal(sc[:, 0], torch.exp2((e0 - 6).double()).float()), had
+        try:
+            aq.quantize_activation(x, rpl, aq.MODE_FP8, hadamard="tensor")
+            raise AssertionError("an unknown hadamard implementation was accepted")
+        except ValueError as exc:
+            assert "hadamard must be 'mma' or 'fwht'" in str(exc)
         return
     wp, ws = mxfp4.quantize(w)
     r = rots[1]

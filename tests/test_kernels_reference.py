@@ -158,9 +158,9 @@ def test_fp8_gemm_prefers_vllm_cutlass_and_falls_back_to_torch_when_vllm_cuda_op
 
 
 def test_switches_default_to_the_measured_winners(monkeypatch):
-    for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_GEMV_ONESHOT", "BRQ_ACT_ROUNDING"):
+    for name in ("BRQ_PDL", "BRQ_GEMV_PERSIST", "BRQ_GEMV_ONESHOT", "BRQ_ACT_ROUNDING", "BRQ_HADAMARD"):
         monkeypatch.delenv(name, raising=False)
-    assert dispatch.pdl_level() == 2 and dispatch.act_rounding() == "bits"
+    assert dispatch.pdl_level() == 2 and dispatch.act_rounding() == "bits" and dispatch.hadamard_impl() == "mma"
     # wide outputs: one-shot where K allows (gate_up), else persistent; narrow ones: the two-tile loop
     assert dispatch.gemv_oneshot(28672, 4096) and not dispatch.gemv_persistent(28672, 4096)
     assert not dispatch.gemv_oneshot(28672, 14336) and dispatch.gemv_persistent(28672, 14336)
@@ -190,6 +190,9 @@ def test_switches_default_to_the_measured_winners(monkeypatch):
     monkeypatch.setenv("BRQ_ACT_ROUNDING", "nearest")
     with pytest.raises(ValueError, match="BRQ_ACT_ROUNDING must be 'fast' or 'bits'"):
         dispatch.act_rounding()
+    monkeypatch.setenv("BRQ_HADAMARD", "tensor")
+    with pytest.raises(ValueError, match="BRQ_HADAMARD must be 'mma' or 'fwht'"):
+        dispatch.hadamard_impl()
     monkeypatch.setenv("BRQ_FP8_GEMM", "cuttlass")
     dispatch._vllm_cutlass_scaled_mm.cache_clear()
     try:
