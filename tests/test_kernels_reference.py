@@ -110,6 +110,29 @@ def test_fp8_weight_reencoding_matches_reference_and_counts_flushes():
 def test_prepare_extras_is_empty_on_cpu():
     wp, ws = mxfp4.quantize(torch.randn(8, 64))
     assert dispatch.prepare_extras(wp, ws, block_rotation(64, 32, 1, "a", shared=True)) == {}
+    assert dispatch.prepare_extras(wp, ws, None, "w4a16", quantize_activations=False, bias=torch.randn(8)) == {}
+
+
+def test_w4a16_marlin_switch_and_its_absence_on_cpu(monkeypatch):
+    """BRQ_W4A16_GEMM picks vLLM's Marlin for W4A16 up to MARLIN_MAX_M (auto) or always (marlin); without
+    CUDA Marlin does not load, so a W4A16 linear given no Marlin tensors is the reference."""
+    from vllm_brq.kernels import marlin
+
+    monkeypatch.delenv("BRQ_W4A16_GEMM", raising=False)
+    assert dispatch.w4a16_gemm() == "auto" and not marlin.available()
+    w = torch.empty(0)  # any tensor: a prepared Marlin weight
+    assert dispatch._use_marlin(dispatch.MARLIN_MAX_M, w, torch.bfloat16)
+    assert not dispatch._use_marlin(dispatch.MARLIN_MAX_M + 1, w, torch.bfloat16)
+    assert not dispatch._use_marlin(1, None, torch.bfloat16) and not dispatch._use_marlin(1, w, torch.float32)
+    monkeypatch.setenv("BRQ_W4A16_GEMM", "marlin")
+    assert dispatch._use_marlin(8192, w, torch.float16)
+    wp, ws = mxfp4.quantize(torch.randn(8, 64))
+    x = torch.randn(3, 64)
+    assert torch.equal(dispatch.brq_linear(x, wp, ws, None, None, False),
+                       ref.brq_linear_reference(x, wp, ws, None, None, False))
+    monkeypatch.setenv("BRQ_W4A16_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="BRQ_W4A16_GEMM must be 'auto', 'marlin' or 'triton'"):
+        dispatch.w4a16_gemm()
 
 
 def test_pairs_reference_is_a_permutation_of_the_block_values():

@@ -8,8 +8,9 @@ reference, Triton), and keeps graph breaks out of the compiled model.
 Ops:
 - ``brq::mxfp4_linear(x, weight_packed, weight_scale, input_rotation?, bias?, quantize_activations)``:
   y = Q(x R) W^T + b with an MXFP4 weight (calls ``kernels.dispatch.brq_linear``); the
-  optional ``weight_fp8, weight_fp8_scale, rotation_sign`` come from
-  ``dispatch.prepare_extras`` at load time (CUDA fast paths; absent on CPU).
+  optional tensors after it (``dispatch.EXTRA_KEYS``: the FP8 weight copy, the +-1 rotation,
+  Marlin's weight for W4A16) come from ``dispatch.prepare_extras`` at load time (CUDA fast
+  paths; absent on CPU).
 - ``brq::rms_norm_mxfp4_linear(x, residual?, norm_weight, eps, <mxfp4_linear's weights>)``:
   (mxfp4_linear(RMSNorm(x + residual)), x + residual): vLLM's (fused-add) RMSNorm and the
   linear after it as one op, which vllm_brq/fusion.py puts in place of the pair in the
@@ -39,32 +40,18 @@ from vllm_brq.kernels.reference import activation_reference
 # FRAGMENT: other modules (e.g. GPU kernels) may add their own ops to the brq namespace.
 _LIB = torch.library.Library("brq", "FRAGMENT")
 
-_LIB.define(
-    "mxfp4_linear(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? input_rotation, "
-    "Tensor? bias, bool quantize_activations, Tensor? weight_fp8=None, Tensor? weight_fp8_scale=None, "
-    "Tensor? rotation_sign=None) -> Tensor"
-)
-_LIB.define(
-    "rms_norm_mxfp4_linear(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight_packed, "
-    "Tensor weight_scale, Tensor? input_rotation, Tensor? bias, bool quantize_activations, Tensor? weight_fp8=None, "
-    "Tensor? weight_fp8_scale=None, Tensor? rotation_sign=None) -> (Tensor, Tensor)"
-)
-_LIB.define(
-    "silu_mul_mxfp4_linear(Tensor gate_up, Tensor weight_packed, Tensor weight_scale, Tensor? input_rotation, "
-    "Tensor? bias, bool quantize_activations, Tensor? weight_fp8=None, Tensor? weight_fp8_scale=None, "
-    "Tensor? rotation_sign=None) -> Tensor"
-)
+# mxfp4_linear's weights: the checkpoint's, then dispatch.prepare_extras's optional tensors
+_WEIGHTS = ("Tensor weight_packed, Tensor weight_scale, Tensor? input_rotation, Tensor? bias, bool quantize_activations, "
+            + ", ".join(f"Tensor? {key}=None" for key in dispatch.EXTRA_KEYS))
+_LIB.define(f"mxfp4_linear(Tensor x, {_WEIGHTS}) -> Tensor")
+_LIB.define(f"rms_norm_mxfp4_linear(Tensor x, Tensor? residual, Tensor norm_weight, float eps, {_WEIGHTS}) "
+            "-> (Tensor, Tensor)")
+_LIB.define(f"silu_mul_mxfp4_linear(Tensor gate_up, {_WEIGHTS}) -> Tensor")
 _LIB.define(
     "rotated_linear(Tensor x, Tensor weight, Tensor? input_rotation, Tensor? bias, "
     "bool quantize_activations) -> Tensor"
 )
 _LIB.define("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor")
-
-
-def _mxfp4_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
-                  weight_fp8=None, weight_fp8_scale=None, rotation_sign=None):
-    return dispatch.brq_linear(x, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
-                               weight_fp8, weight_fp8_scale, rotation_sign)
 
 
 def _rms_norm_mxfp4_linear(x, residual, norm_weight, eps, *linear):
@@ -89,7 +76,7 @@ def _rms_norm_linear_fake(x, residual, norm_weight, eps, weight, *_args):
 
 # CompositeExplicitAutograd: one implementation for every device; the dispatch inside
 # chooses the backend. Inference only, so no autograd formula is registered.
-_LIB.impl("mxfp4_linear", _mxfp4_linear, "CompositeExplicitAutograd")
+_LIB.impl("mxfp4_linear", dispatch.brq_linear, "CompositeExplicitAutograd")
 _LIB.impl("rms_norm_mxfp4_linear", _rms_norm_mxfp4_linear, "CompositeExplicitAutograd")
 _LIB.impl("silu_mul_mxfp4_linear", dispatch.brq_silu_linear, "CompositeExplicitAutograd")
 _LIB.impl("rotated_linear", _rotated_linear, "CompositeExplicitAutograd")

@@ -340,16 +340,17 @@ class BRQLinearMethod(_BRQMethodBase):
         del layer.weight_packed, layer.weight_scale
         layer.weight_packed = Parameter(packed, requires_grad=False)
         layer.weight_scale = Parameter(scale, requires_grad=False)
-        # CUDA fast-path tensors (FP8 weight copy, +-1 rotation); none on CPU
+        # CUDA fast-path tensors (FP8 weight copy, +-1 rotation, Marlin for W4A16); none on CPU
         rot = layer.input_rotation.data if layer.input_rotation is not None else None
-        extras = dispatch.prepare_extras(packed, scale, rot, self.prefix)
-        for key in ("weight_fp8", "weight_fp8_scale", "rotation_sign"):
+        extras = dispatch.prepare_extras(packed, scale, rot, self.prefix, self.config.brq.quantize_activations,
+                                         getattr(layer, "bias", None))
+        for key in dispatch.EXTRA_KEYS:
             setattr(layer, key, Parameter(extras[key], requires_grad=False) if key in extras else None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.mxfp4_linear(x, layer.weight_packed, layer.weight_scale, layer.input_rotation, bias,
-                                self.config.brq.quantize_activations, getattr(layer, "weight_fp8", None),
-                                getattr(layer, "weight_fp8_scale", None), getattr(layer, "rotation_sign", None))
+                                self.config.brq.quantize_activations,
+                                *[getattr(layer, key, None) for key in dispatch.EXTRA_KEYS])
 
 
 @register_weight_loader_v2_supported_method
