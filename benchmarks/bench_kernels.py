@@ -208,7 +208,7 @@ def check(log, smollm2_path, decode=False):
             y16 = ref.brq_linear_reference(x.float(), wp, ws, r, None, False).double()
             row.update(dispatch_w4a16_marlin_bias=rel(dispatch.brq_linear(x, wp, ws, r, bias, False, **exm),
                                                       y16 + bias.double()),
-                       dispatch_w4a16_marlin_fp16=rel(dispatch.brq_linear(x.half(), wp, ws, r, None, False, **exm), y16),
+                       dispatch_w4a16_fp16_not_marlin=rel(dispatch.brq_linear(x.half(), wp, ws, r, None, False, **exm), y16),
                        marlin_w4a4_on_fakequant=rel(marlin.linear(xd, N, K, **mw), y0),
                        marlin_w4a4_on_fakequant_bias=rel(marlin.linear(xd, N, K, **mwb), yb0),
                        marlin_w4a16=rel(marlin.linear(rotate(x, r) if r is not None else x, N, K, **mw), y16))

@@ -289,8 +289,8 @@ def _prepare_marlin(weight_packed, weight_scale, bias) -> dict[str, torch.Tensor
 
 
 def _use_marlin(M: int, marlin_weight, dtype) -> bool:
-    return (marlin_weight is not None and dtype in (torch.bfloat16, torch.float16)
-            and (M <= MARLIN_MAX_M or w4a16_gemm() == "marlin"))
+    """Marlin for this W4A16 call: prepared, bf16 (vLLM 0.24 has no fp16 x MXFP4 kernel), small M."""
+    return marlin_weight is not None and dtype == torch.bfloat16 and (M <= MARLIN_MAX_M or w4a16_gemm() == "marlin")
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
