@@ -27,6 +27,9 @@ def kernels_table(path: Path) -> str:
                                ("brq_w4a4_pdl1", "brq W4A4, rounds 6-7 decode (BRQ_PDL=1)"),
                                ("brq_w4a4_round5", "brq W4A4, round-5 decode (BRQ_PDL=0, BRQ_GEMV_PERSIST=0)"),
                                ("brq_w4a4_torchmm", "brq W4A4, BRQ_FP8_GEMM=torch"), ("brq_w4a16", "brq W4A16"),
+                               ("brq_w4a16_triton", "brq W4A16, BRQ_W4A16_GEMM=triton"),
+                               ("marlin_w4a4", "W4A4 as MXFP4 act-quant + vLLM Marlin (ref.)"),
+                               ("vllm_marlin_w4a16", "vLLM MXFP4 Marlin W4A16 (ref.)"),
                                ("scaled_mm_fp8_rowwise", "FP8 cuBLAS (ref.)"),
                                ("vllm_cutlass_fp8", "FP8 vLLM CUTLASS (ref.)")):
             cells = {r["M"]: r for r in rows if r["op"] == op and r["backend"] == backend}
