@@ -254,7 +254,7 @@ def prepare_extras(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
         return extras
     backend = _triton_backend(weight_packed.device.index or 0)
     if not quantize_activations:
-        return _prepare_marlin(weight_packed, weight_scale, bias)
+        return _prepare_marlin(weight_packed, weight_scale, bias, name)
     if backend is None:
         return extras
     from vllm_brq.kernels import act_quant as aq
@@ -273,8 +273,9 @@ def prepare_extras(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
     return extras
 
 
-def _prepare_marlin(weight_packed, weight_scale, bias) -> dict[str, torch.Tensor]:
-    """Marlin's tensors for a W4A16 weight, or {} (BRQ_W4A16_GEMM=triton, or Marlin unavailable)."""
+def _prepare_marlin(weight_packed, weight_scale, bias, name: str = "") -> dict[str, torch.Tensor]:
+    """Marlin's tensors for a W4A16 weight, or {} (BRQ_W4A16_GEMM=triton, Marlin unavailable, or
+    Marlin refusing this weight: the Triton kernels then serve it, with a warning)."""
     from vllm_brq.kernels import marlin
 
     choice = w4a16_gemm()
@@ -285,7 +286,12 @@ def _prepare_marlin(weight_packed, weight_scale, bias) -> dict[str, torch.Tensor
             _warn_once("vllm-brq: BRQ_W4A16_GEMM=marlin but vLLM's MXFP4 Marlin does not load here; "
                        "W4A16 runs the Triton kernels")
         return {}
-    return marlin.prepare(weight_packed, weight_scale, bias)
+    try:
+        return marlin.prepare(weight_packed, weight_scale, bias)
+    except Exception as exc:  # a vLLM version or shape Marlin does not take: still servable
+        _warn_once(f"vllm-brq: vLLM's MXFP4 Marlin refused {name or 'a weight'} {tuple(weight_packed.shape)} "
+                   f"({exc!r}); it runs the Triton W4A16 kernels")
+        return {}
 
 
 def _use_marlin(M: int, marlin_weight, dtype) -> bool:

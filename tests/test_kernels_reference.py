@@ -136,6 +136,25 @@ def test_w4a16_marlin_switch_and_its_absence_on_cpu(monkeypatch):
         dispatch.w4a16_gemm()
 
 
+def test_a_weight_marlin_refuses_keeps_the_triton_path_with_a_warning(monkeypatch, caplog):
+    from vllm_brq.kernels import marlin
+
+    def refuse(*_args):
+        raise RuntimeError("Invalid thread config")
+
+    monkeypatch.delenv("BRQ_W4A16_GEMM", raising=False)
+    monkeypatch.setattr(marlin, "available", lambda: True)
+    monkeypatch.setattr(marlin, "prepare", refuse)
+    dispatch._warn_once.cache_clear()
+    wp, ws = mxfp4.quantize(torch.randn(8, 64))
+    with caplog.at_level("WARNING"):
+        assert dispatch._prepare_marlin(wp, ws, None, "model.layers.0.mlp.down_proj") == {}
+    assert "Marlin refused model.layers.0.mlp.down_proj (8, 32)" in caplog.text and "Triton" in caplog.text
+    monkeypatch.setenv("BRQ_W4A16_GEMM", "triton")  # never asks Marlin
+    monkeypatch.setattr(marlin, "prepare", lambda *_a: pytest.fail("Marlin asked with BRQ_W4A16_GEMM=triton"))
+    assert dispatch._prepare_marlin(wp, ws, None) == {}
+
+
 def test_pairs_reference_is_a_permutation_of_the_block_values():
     """MODE_PAIRS holds each block's E2M1 * 2 values once, moved to the gemv's pair slots."""
     g, seed = _gen()
