@@ -136,6 +136,26 @@ def test_w4a16_marlin_switch_and_its_absence_on_cpu(monkeypatch):
         dispatch.w4a16_gemm()
 
 
+def test_marlin_route_rotates_first_and_applies_the_bias_once(monkeypatch):
+    """The W4A16 Marlin route's wiring, with Marlin's GEMM (CUDA-only) replaced by the exact dense
+    product of the same weight: x R first, leading dims kept, the bias folded at load used only
+    when the call has a bias (vLLM passes none on TP ranks > 0), added afterwards when not folded."""
+    from vllm_brq.kernels import marlin
+
+    g, seed = _gen()
+    K, N = 64, 8
+    wp, ws = mxfp4.quantize(torch.randn(N, K, generator=g))
+    dense = mxfp4.dequantize(wp, ws, torch.float32)
+    monkeypatch.setattr(marlin, "linear", lambda x, n, k, w, s, ws_, b=None: torch.nn.functional.linear(x, w, b))
+    r = block_rotation(K, 32, 1, "m", shared=True)
+    x = _outlier_x(g, 6, K).reshape(2, 3, K)
+    bias = torch.randn(N, generator=g)
+    for call_bias, folded in ((bias, bias), (bias, None), (None, bias), (None, None)):
+        got = dispatch._marlin_linear(x, wp, r, call_bias, dense, None, None, folded)
+        want = ref.brq_linear_reference(x, wp, ws, r, call_bias, False)
+        assert got.shape == (2, 3, N) and torch.allclose(got, want, atol=1e-4, rtol=1e-4), seed
+
+
 def test_a_weight_marlin_refuses_keeps_the_triton_path_with_a_warning(monkeypatch, caplog):
     from vllm_brq.kernels import marlin
 
