@@ -190,10 +190,10 @@ def gemv_persistent(N: int, K: int) -> bool:
     return mode == "1" or (mode == "auto" and N >= PERSIST_MIN_N and not gemv_oneshot(N, K))
 
 
-# W4A16 on vLLM's MXFP4 Marlin up to this M (H100, results/kernels-h100.json of session 13: Marlin
-# 12.3 / 10.1 / 33.5 / 23.9 us against 13.6 / 10.1 / 52.0 / 29.5 for the gemv at M = 1 (qkv / o /
-# gate_up / down), 1.6-2.6x bf16 against 0.5-0.9x at M = 4-16, 46.7 against 52.1 us (qkv) at
-# M = 256; at M = 1024 dequantize + cuBLAS 90 us against Marlin's 155)
+# W4A16 on vLLM's MXFP4 Marlin up to this M (H100, results/kernels-h100.json at 71e2caf: Marlin
+# 12.2 / 10.2 / 35.0 / 23.7 us against 13.6 / 10.0 / 52.3 / 30.4 for the Triton path at M = 1 (qkv /
+# o / gate_up / down), 1.6-2.6x bf16 against 0.5-0.9x at M = 4-16, 47.5 against 52.5 us (qkv) at
+# M = 256; at M = 1024 dequantize + cuBLAS 90 us against Marlin's 156)
 MARLIN_MAX_M = 256
 
 

@@ -37,9 +37,8 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Packed MXFP4 [N, K/2] + E8M0 [N, K/32] (+ bias [N]) -> Marlin's tensors: 'marlin_weight',
     'marlin_scale', 'marlin_workspace' (+ 'marlin_bias'), by vLLM's `prepare_fp4_layer_for_marlin`
-    on a stand-in layer (it reads these attributes only). The same tensors serve bf16 and fp16
-    activations; the scales pass through bf16 on the way, which holds every E8M0 value exactly
-    (fp16 would not)."""
+    on a stand-in layer (it reads these attributes only). For bf16 activations (vLLM 0.24's Marlin
+    has no fp16 x MXFP4 kernel); the scales pass through bf16 on the way, exact for every E8M0 value."""
     from vllm.model_executor.layers.quantization.utils.marlin_utils_fp4 import prepare_fp4_layer_for_marlin
 
     N, K = weight_packed.shape[0], weight_packed.shape[1] * 2
@@ -58,7 +57,7 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
 
 def linear(x: torch.Tensor, N: int, K: int, marlin_weight: torch.Tensor, marlin_scale: torch.Tensor,
            marlin_workspace: torch.Tensor, marlin_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (16-bit) x the prepared MXFP4 weight -> [M, N] in x's dtype (+ the bias given to prepare)."""
+    """x [M, K] (bf16) x the prepared MXFP4 weight -> [M, N] bf16 (+ the bias given to prepare)."""
     from vllm.model_executor.layers.quantization.utils.marlin_utils_fp4 import apply_fp4_marlin_linear
 
     return apply_fp4_marlin_linear(input=x, weight=marlin_weight, weight_scale=marlin_scale,
