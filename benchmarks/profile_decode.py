@@ -26,8 +26,7 @@ STEPS = 32
 PROMPT_LEN = 512
 # category -> substrings of kernel names (lower case); first match wins, in this order
 CATEGORIES = {
-    "brq GEMM": ("_gemv_a4", "_gemv_kernel", "_w4a16_kernel", "_w4a4_fp8_kernel", "_w4a4_mma_kernel",
-                 "_w4a4_dot_scaled"),
+    "brq GEMM": ("_gemv_a4", "_gemv_kernel", "_w4a16_kernel", "_w4a4_fp8_kernel", "_w4a4_dot_scaled"),
     # since round 10 the RMSNorms and SiLU-muls before brq linears run inside these kernels
     "activation quantization (with the fused RMSNorm / SiLU-mul)": ("_act_quant", "_fp8_chunk_max", "_fp8_apply",
                                                                    "_norm_pairs", "_norm_fp8"),

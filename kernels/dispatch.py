@@ -149,18 +149,6 @@ def scaled_mm_fp8(xf: torch.Tensor, xsc: torch.Tensor, weight_fp8: torch.Tensor,
     return torch._scaled_mm(xf, weight_fp8.t(), scale_a=xsc, scale_b=weight_fp8_scale, bias=bias, out_dtype=out_dtype)
 
 
-# W4A4 at 2 <= M <= this reads the packed weights (gemm.w4a4_small) instead of the FP8 copy
-W4A4_SMALL_MAX_M = 64
-
-
-def w4a4_small_enabled(M: int) -> bool:
-    """Whether a W4A4 call with the FP8 copy at M rows takes gemm.w4a4_small (the packed weights
-    decoded in registers, fp16 tensor cores) rather than the FP8 GEMM over the 8-bit copy:
-    BRQ_W4A4_SMALL=auto (default: 2 <= M <= W4A4_SMALL_MAX_M), 0 (never), 1 (every M >= 2)."""
-    mode = _env_choice("BRQ_W4A4_SMALL", "auto", ("auto", "0", "1"))
-    return M >= 2 and (mode == "1" or (mode == "auto" and M <= W4A4_SMALL_MAX_M))
-
-
 def act_rounding() -> str:
     """The FP8 act-quant's E2M1 rounding, the same bytes either way: "bits" (default; select-free,
     round 6: -7 % on the unrotated K = 4096 pass in two H100 runs, neutral with the FWHT) or
@@ -454,8 +442,6 @@ def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_
         return gemm.gemv_a4(xp, xs, weight_packed, weight_scale, bias, out_dtype=out_dtype, pdl=level >= 1,
                             persistent=gemv_persistent(N, K), oneshot=gemv_oneshot(N, K))
     xf, _, xsc = quantize(aq.MODE_FP8, rounding=act_rounding())[:3]
-    if w4a4_small_enabled(xf.shape[0]):
-        return gemm.w4a4_small(xf, xsc, weight_packed, weight_scale, weight_fp8_scale, bias, out_dtype=out_dtype)
     return scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, out_dtype)
 
 

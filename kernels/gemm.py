@@ -377,15 +377,6 @@ def _pairs_f16(d, LANE: tl.constexpr):
 
 
 @triton.jit
-def _word_pair(q, k: tl.constexpr):
-    """_PAIRS_DECODE in plain Triton: int32 words of 8 nibbles -> fp16x2 (as int32) holding the
-    E2M1 values * 2^-14 of nibbles k (low half) and k + 4 (high half), exact (0.5 is subnormal)."""
-    if k == 3:  # -2147450880 = 0x80008000 (the two sign bits) as int32
-        return ((q >> 3) & 0x0E000E00) | (q & -2147450880)
-    return ((q << (9 - 4 * k)) & 0x0E000E00) | ((q << (12 - 4 * k)) & -2147450880)
-
-
-@triton.jit
 def _block_dot_plain(ws, acts):
     """_block_dot_asm in plain Triton (interpreter, tests): same decode, same fp16 order."""
     acc0 = tl.zeros(ws[0].shape, dtype=tl.float16)
@@ -393,7 +384,10 @@ def _block_dot_plain(ws, acts):
     for w in tl.static_range(4):
         q = ws[w]
         for k in tl.static_range(4):
-            d = _word_pair(q, k)
+            if k == 3:  # -2147450880 = 0x80008000 (the two sign bits) as int32
+                d = ((q >> 3) & 0x0E000E00) | (q & -2147450880)
+            else:
+                d = ((q << (9 - 4 * k)) & 0x0E000E00) | ((q << (12 - 4 * k)) & -2147450880)
             a = acts[4 * w + k]
             acc0 = acc0 + _pairs_f16(d, 0) * _pairs_f16(a, 0)
             acc1 = acc1 + _pairs_f16(d, 1) * _pairs_f16(a, 1)
@@ -666,122 +660,6 @@ def gemv_a4(a_pairs, a_scale, weight_packed, weight_scale, bias=None, out_dtype=
         a32, a_scale, w32, weight_scale, bias if bias is not None else c, c, M, N, K, bm,
         a32.stride(0), a_scale.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),
         HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, PDL=pdl, ALLOW_ONESHOT=oneshot, **cfg)
-    return c
-
-
-# W4A4 at small M (2 <= M <= W4A4_MMA_MAX_M in dispatch) over the packed weights: (BN, NBK, warps, stages)
-_W4A4_MMA_CONFIGS = [triton.Config({"BN": bn, "NBK": nbk}, num_warps=w, num_stages=st)
-                     for bn, nbk, w, st in ((16, 8, 1, 3), (16, 4, 1, 4), (32, 4, 2, 3), (32, 8, 2, 3),
-                                            (64, 4, 4, 3), (128, 2, 4, 4))]
-
-
-@triton.jit
-def _row_exponent(wsc):
-    """E from the FP8 copy's column scale 2^(E - 6) (float32, subnormal for E < -120), exact."""
-    normal = ((wsc.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 121
-    tiny = (((tl.minimum(wsc, 1.0) * 18446744073709551616.0).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 185  # * 2^64
-    return tl.where(wsc >= 2.0 ** -126, normal, tiny)
-
-
-@triton.jit
-def _weight_f16_rel(q, s, erow, USE_ASM: tl.constexpr):
-    """Weight words [BN, NBK, 4] (8 nibbles each), E8M0 [BN, NBK] and the row's largest block
-    exponent E [BN] -> float16 [BN, NBK * 32] in memory order: E2M1 * 2^(e - E + 1), 0 for blocks
-    with e - E < -14, i.e. the FP8 copy's values (fp8_reencode_reference) / 32, flush included.
-    The nibbles decode to fp16 E2M1 * 2^-14 (_word_pair: 0.5 is subnormal), then one fp16x2
-    multiply by 2^(e - E + 15) per pair (a normal fp16 power of two, <= 2^15): exact."""
-    d = s - 127 - erow[:, None]
-    m16 = tl.where(d >= -14, (tl.maximum(d, -14) + 30) << 10, 0)  # fp16 bits of 2^(d + 15), 0: flushed
-    m = (m16 | (m16 << 16))[:, :, None]
-    p0 = _word_pair(q, 0)
-    p1 = _word_pair(q, 1)
-    p2 = _word_pair(q, 2)
-    p3 = _word_pair(q, 3)
-    if USE_ASM:
-        p0 = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [p0, m], dtype=tl.int32,
-                                       is_pure=True, pack=1)
-        p1 = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [p1, m], dtype=tl.int32,
-                                       is_pure=True, pack=1)
-        p2 = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [p2, m], dtype=tl.int32,
-                                       is_pure=True, pack=1)
-        p3 = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [p3, m], dtype=tl.int32,
-                                       is_pure=True, pack=1)
-        scale = 1.0
-    else:
-        scale = _pairs_f16(m, 0).to(tl.float32)
-    # element 4h + k of a word is half h of pair k; nest the joins so the last one is over k % 2
-    v = tl.join(tl.join(tl.join(_pairs_f16(p0, 0), _pairs_f16(p0, 1)), tl.join(_pairs_f16(p2, 0), _pairs_f16(p2, 1))),
-                tl.join(tl.join(_pairs_f16(p1, 0), _pairs_f16(p1, 1)), tl.join(_pairs_f16(p3, 0), _pairs_f16(p3, 1))))
-    if not USE_ASM:
-        v = (v.to(tl.float32) * tl.reshape(scale, [scale.shape[0], scale.shape[1], 1, 1, 1, 1])).to(tl.float16)
-    return tl.reshape(v, [q.shape[0], q.shape[1] * 32])
-
-
-@triton.autotune(configs=_W4A4_MMA_CONFIGS, key=["M_KEY", "N", "K"])
-@triton.heuristics({"EVEN_K": lambda args: (args["K"] // 32) % args["NBK"] == 0})
-@triton.jit
-def _w4a4_mma_kernel(a_ptr, asc_ptr, w_ptr, ws_ptr, wsc_ptr, bias_ptr, c_ptr, M, N, K, M_KEY, stride_am,
-                     stride_wn, stride_sn, stride_cm, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     NBK: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr):
-    """W4A4 for small M over the packed weights: the FP8 route's product without its 8-bit
-    weight copy. The activation is the act-quant's FP8 operand (e4m3 E2M1 * 2^(d + 6), row scale
-    2^(E_a - 6)), widened to fp16 (exact); each weight tile is decoded in registers to the FP8
-    copy's values / 32 in fp16 (`_weight_f16_rel`, E from the copy's column scale), so the fp16
-    tensor-core dot multiplies the same values as the FP8 GEMM (products exact, float32 sums),
-    and the epilogue applies 2^(E_a - 6) and 2^(E - 1). Weights on the MMA's M side (acc [BN, BM]):
-    a program streams BN weight rows over all of K; rows past N re-read row N - 1 (not stored)."""
-    pid_n = tl.program_id(0)
-    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_b = tl.arange(0, NBK)
-    KB = K // 32
-    wsc = tl.load(wsc_ptr + rows)
-    erow = _row_exponent(wsc)
-    w_tile = w_ptr + rows[:, None, None] * stride_wn + offs_b[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-    s_tile = ws_ptr + rows[:, None] * stride_sn + offs_b[None, :]
-    m_ok = offs_m < M
-    a_tile = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + tl.arange(0, NBK * 32)[None, :]
-    acc = tl.zeros([BN, BM], dtype=tl.float32)
-    for kb in range(0, KB, NBK):
-        if EVEN_K:
-            q = tl.load(w_tile + kb * 4)
-            s = tl.load(s_tile + kb).to(tl.int32)
-            a = tl.load(a_tile + kb * 32, mask=m_ok[:, None], other=0.0)
-        else:
-            b_ok = kb + offs_b < KB
-            q = tl.load(w_tile + kb * 4, mask=b_ok[None, :, None], other=0)
-            s = tl.load(s_tile + kb, mask=b_ok[None, :], other=0).to(tl.int32)
-            k_ok = kb * 32 + tl.arange(0, NBK * 32) < K
-            a = tl.load(a_tile + kb * 32, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(_weight_f16_rel(q, s, erow, USE_ASM), tl.trans(a.to(tl.float16)), acc)
-    asc = tl.load(asc_ptr + offs_m, mask=m_ok, other=0.0)
-    out = tl.trans(acc) * asc[:, None] * (wsc * 32.0)[None, :]
-    _store(c_ptr, out, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS)
-
-
-def w4a4_small(a_fp8, a_scale, weight_packed, weight_scale, weight_fp8_scale, bias=None, out_dtype=torch.bfloat16,
-               config=None, use_asm=None):
-    """W4A4 at small M: the act-quant's FP8 operand (e4m3 [M, K], float32 row scales [M] or [M, 1])
-    x packed MXFP4 weights, decoded in registers relative to each row's largest block exponent
-    (read from the FP8 copy's column scales `weight_fp8_scale` [1, N] or [N]) -> [M, N] in
-    out_dtype. The FP8 route's numerics (blocks more than 14 binades below their row's largest are
-    flushed, as in the copy) while reading 4.25 bits per weight instead of 8."""
-    M, N, K = _check(a_fp8, weight_packed, weight_scale)
-    if a_fp8.dtype != torch.float8_e4m3fn or a_fp8.stride(1) != 1 or weight_packed.stride(1) != 1:
-        raise ValueError("w4a4_small: the activation must be contiguous e4m3 rows (act-quant MODE_FP8)")
-    if weight_packed.stride(0) % 4:
-        raise ValueError("w4a4_small reads int32 words: weight rows must be 4-byte aligned")
-    c = torch.empty(M, N, dtype=out_dtype, device=a_fp8.device)
-    if use_asm is None:
-        use_asm = not _interpreting()
-    bm = max(16, triton.next_power_of_2(M))
-    w32 = weight_packed.view(torch.int32)
-    launch, cfg = _launcher(_w4a4_mma_kernel, config)
-    launch(lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm)))(
-        a_fp8, a_scale.reshape(-1), w32, weight_scale, weight_fp8_scale.reshape(-1), bias if bias is not None else c,
-        c, M, N, K, bm, a_fp8.stride(0), w32.stride(0), weight_scale.stride(0), c.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, USE_ASM=use_asm, **cfg)
     return c
 
 

@@ -37,7 +37,6 @@ def test_decode_profile_categories():
     c = profile_decode.category
     assert c("_gemv_a4_kernel") == "brq GEMM"
     assert c("_gemv_a4_persist_kernel") == "brq GEMM"
-    assert c("_w4a4_mma_kernel") == "brq GEMM"
     act = "activation quantization (with the fused RMSNorm / SiLU-mul)"
     assert c("_act_quant_kernel") == act
     assert c("_norm_pairs_kernel") == act and c("_norm_fp8_row_kernel") == act  # round 10's fused producers

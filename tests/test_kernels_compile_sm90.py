@@ -48,9 +48,6 @@ GEMM_CASES = {
                  dict(HAS_BIAS=True, BM=4, USE_ASM=True, EVEN_K=False, PDL=False, ALLOW_ONESHOT=True, ONESHOT=0)]),
     "gemv_a4_persist": (gemm._gemv_a4_persist_kernel, dict(W, a_ptr="*i32", as_ptr="*u8", w_ptr="*i32"),
                         [dict(HAS_BIAS=True, USE_ASM=True, PDL=True), dict(HAS_BIAS=False, USE_ASM=False, PDL=False)]),
-    "w4a4_small": (gemm._w4a4_mma_kernel, dict(W, a_ptr="*fp8e4nv", asc_ptr="*fp32", w_ptr="*i32", wsc_ptr="*fp32"),
-                   [dict(HAS_BIAS=True, BM=16, USE_ASM=True, EVEN_K=True),
-                    dict(HAS_BIAS=False, BM=64, USE_ASM=True, EVEN_K=False)]),
     "dequantize": (gemm._dequant_kernel, {"w_ptr": "*u8", "ws_ptr": "*u8", "out_ptr": "*bf16"}, [dict(BN=32, BK=256)]),
 }
 
