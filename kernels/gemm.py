@@ -464,7 +464,7 @@ def _a4_tile(p, s, a_ptr, as_ptr, kb, KB, M, stride_am, stride_asm, a_tile, offs
     return acc1, acc
 
 
-ONESHOT_MAX_TILES = 8  # gemv_a4 at M = 1 requests all K tiles at once up to 8 tiles (K <= 8192 at NBK = 32)
+ONESHOT_MAX_TILES = 4  # gemv_a4 at M = 1 requests all K tiles at once up to 4 tiles (K <= 4096 at NBK = 32)
 
 
 def _oneshot_tiles(args) -> int:
@@ -519,14 +519,6 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
             p2, s2 = _w_tile_load(w_tile, s_tile, 2 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
         if ONESHOT > 3:
             p3, s3 = _w_tile_load(w_tile, s_tile, 3 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-        if ONESHOT > 4:
-            p4, s4 = _w_tile_load(w_tile, s_tile, 4 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-        if ONESHOT > 5:
-            p5, s5 = _w_tile_load(w_tile, s_tile, 5 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-        if ONESHOT > 6:
-            p6, s6 = _w_tile_load(w_tile, s_tile, 6 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
-        if ONESHOT > 7:
-            p7, s7 = _w_tile_load(w_tile, s_tile, 7 * NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
         acc1, acc = _a4_tile(p, s, a_ptr, as_ptr, 0, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm, acc1, acc,
                              BM, EVEN_K, USE_ASM)
         if ONESHOT > 1:
@@ -537,18 +529,6 @@ def _gemv_a4_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, M_KE
                                  acc1, acc, BM, EVEN_K, USE_ASM)
         if ONESHOT > 3:
             acc1, acc = _a4_tile(p3, s3, a_ptr, as_ptr, 3 * NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
-                                 acc1, acc, BM, EVEN_K, USE_ASM)
-        if ONESHOT > 4:
-            acc1, acc = _a4_tile(p4, s4, a_ptr, as_ptr, 4 * NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
-                                 acc1, acc, BM, EVEN_K, USE_ASM)
-        if ONESHOT > 5:
-            acc1, acc = _a4_tile(p5, s5, a_ptr, as_ptr, 5 * NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
-                                 acc1, acc, BM, EVEN_K, USE_ASM)
-        if ONESHOT > 6:
-            acc1, acc = _a4_tile(p6, s6, a_ptr, as_ptr, 6 * NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
-                                 acc1, acc, BM, EVEN_K, USE_ASM)
-        if ONESHOT > 7:
-            acc1, acc = _a4_tile(p7, s7, a_ptr, as_ptr, 7 * NBK, KB, M, stride_am, stride_asm, a_tile, offs_b, offs_mm,
                                  acc1, acc, BM, EVEN_K, USE_ASM)
     else:  # two tiles in flight: this one and the next
         p1, s1 = _w_tile_load(w_tile, s_tile, NBK, KB, NBK, offs_b, EVEN_K, USE_ASM)
