@@ -48,8 +48,11 @@ ROWS = {
     "brq-b16": ("BRQ, rotation block 16", ["--rotation", "block", "--rotation-block-size", "16", "--quantizer", "gptq"]),
     "brq-b64": ("BRQ, rotation block 64", ["--rotation", "block", "--rotation-block-size", "64", "--quantizer", "gptq"]),
     "brq-w4a16": ("BRQ W4A16", ["--rotation", "block", "--quantizer", "gptq", "--activations", "none"]),
+    "brq-rtn-online": ("block rotation + RTN, R1 online", ["--rotation", "block", "--quantizer", "rtn",
+                                                            "--r1-mode", "online"]),
+    "brq-online": ("BRQ, R1 online", ["--rotation", "block", "--quantizer", "gptq", "--r1-mode", "online"]),
 }
-SEEDED = ("brq-rtn", "brq")  # rows run with several rotation seeds
+SEEDED = ("brq-rtn", "brq", "brq-rtn-online", "brq-online")  # rows run with several rotation seeds
 
 
 def settings(quick: bool) -> dict:
@@ -193,6 +196,10 @@ def main(argv=None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:  # each row is subprocesses; threads only wait
         rows = list(pool.map(lambda t: do_row(*t, s, work, model, austen, args.kv_cache_memory_bytes, args.dtype,
                                               gpu_share), tasks))
+    if out.exists():  # a subset of rows adds to (or replaces its rows in) the results of the same settings
+        old = json.loads(out.read_text())
+        if old.get("settings", {}).get("windows") == s["windows"] and old.get("dtype", "float32") == args.dtype:
+            rows += [r for r in old["rows"] if r["key"] not in keys]
     table = summarize(rows)
     device = device_name()
     md = markdown(table, s, device, args.dtype)

@@ -44,6 +44,8 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"], {}),
     # brq-convert --lm-head fp8 (format version 2): the lm_head in e4m3, its input FP8 per token
     "brq-w4a4-fp8head": ("llama3-8b-random-brq-w4a4-fp8head", ["--quantization", "brq"], {}),
+    # brq-convert --r1-mode online: norm gains kept, q/k/v and gate/up rotate their input (in the norm kernel)
+    "brq-w4a4-r1online": ("llama3-8b-random-brq-w4a4-r1online", ["--quantization", "brq"], {}),
     # beside the defaults (not in the default list; benchmarks/NOTES-kernels.md, round 6): the
     # round-5 decode path (no PDL, never persistent); prefill on torch._scaled_mm, not vLLM's CUTLASS
     "brq-w4a4-round5": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"],
@@ -61,6 +63,7 @@ BRQ_CHECKPOINTS = {  # checkpoint -> brq-convert options besides RTN and the blo
     "llama3-8b-random-brq-w4a4": dict(activations="mxfp4"),
     "llama3-8b-random-brq-w4a16": dict(activations="none"),
     "llama3-8b-random-brq-w4a4-fp8head": dict(activations="mxfp4", lm_head="fp8"),
+    "llama3-8b-random-brq-w4a4-r1online": dict(activations="mxfp4", r1_mode="online"),
 }
 PROFILED = ("bf16", "brq-w4a4")
 

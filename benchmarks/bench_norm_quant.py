@@ -1,6 +1,6 @@
 """The linears' producer segments with and without the producer fused into the act-quant (GPU).
 
-    python benchmarks/bench_norm_quant.py [--out DIR] [--shapes qkv,gate_up,down]
+    python benchmarks/bench_norm_quant.py [--out DIR] [--shapes qkv,gate_up,down,qkv_r1,gate_up_r1]
 
 vLLM runs the q/k/v and gate/up linears right after an (add +) RMSNorm, and down_proj right
 after the SiLU-mul; vllm_brq/fusion.py turns each pair into one op (`dispatch.brq_norm_linear`:
@@ -13,6 +13,8 @@ in the same run:
             compiled model runs for its RMSNorm IR op and SiluAndMul), then cuBLAS bf16;
   unfused   the same producer, then dispatch.brq_linear (separate act-quant; BRQ_FUSE=0);
   fused     the fused op (vLLM's default with the brq plugin).
+qkv_r1 / gate_up_r1: the same segments of a `--r1-mode online` checkpoint, whose q/k/v and
+gate/up rotate their input online by the plain 32x32 Hadamard (inside the norm kernel when fused).
 Checks first (bf16, random data with outliers): the fused kernels' outputs against the
 reference producer followed by the plain act-quant (counts of differing elements), and per
 row the fused segment's output against the reference producer + dispatch.brq_linear. Per row
@@ -60,8 +62,12 @@ def checks(gen) -> dict:
         f, e, _, ro = nq.rms_norm_quantize(x, r, w, EPS, aq.MODE_FP8)
         p0, s0 = aq.quantize_activation(n0, None, aq.MODE_PAIRS)
         p, s, ro2 = nq.rms_norm_quantize(x, r, w, EPS, aq.MODE_PAIRS)
-        gu = outlier_x(M, 2 * K, gen)
         rot = aq.Rotation.prepare(hadamard(32).float().cuda())
+        rf0, re0, _ = aq.quantize_activation(n0, rot, aq.MODE_FP8, with_scale=True)  # R1 online
+        rf, re, _, _ = nq.rms_norm_quantize(x, r, w, EPS, aq.MODE_FP8, input_rotation=rot)
+        rp0, rs0 = aq.quantize_activation(n0, rot, aq.MODE_PAIRS)
+        rp, rs, _ = nq.rms_norm_quantize(x, r, w, EPS, aq.MODE_PAIRS, input_rotation=rot)
+        gu = outlier_x(M, 2 * K, gen)
         xs = silu_mul_reference(gu)
         sf = aq.quantize_activation(gu, rot, aq.MODE_FP8, with_scale=True, silu=True)
         sf0 = aq.quantize_activation(xs, rot, aq.MODE_FP8, with_scale=True)
@@ -72,14 +78,16 @@ def checks(gen) -> dict:
             "silu_pairs_scale_diff": int((sp[1] != sp0[1]).sum()),
             "elements": M * K, "residual_diff": int((ro != r0).sum() + (ro2 != r0).sum()),
             "fp8_operand_diff": int((f.float() != f0.float()).sum()), "fp8_row_exp_diff": int((e != e0).sum()),
-            "pairs_diff": int((p != p0).sum()), "pairs_scale_diff": int((s != s0).sum())}
+            "pairs_diff": int((p != p0).sum()), "pairs_scale_diff": int((s != s0).sum()),
+            "r1_fp8_operand_diff": int((rf.float() != rf0.float()).sum()), "r1_fp8_row_exp_diff": int((re != re0).sum()),
+            "r1_pairs_diff": int((rp != rp0).sum()), "r1_pairs_scale_diff": int((rs != rs0).sum())}
     return out
 
 
 def layer(N, K, gen, rotated: bool):
     w = torch.randn(N, K, generator=gen, device="cuda") * 0.02
     wp, ws = mxfp4.quantize(w)
-    rot = hadamard(32).float().cuda() if rotated else None  # brq-convert's R4 before down_proj
+    rot = hadamard(32).float().cuda() if rotated else None  # brq-convert's R4 (down_proj), online R1 (_r1)
     return {"wp": wp, "ws": ws, "rot": rot, "bf16": w.bfloat16(),
             "norm_w": (torch.rand(K, generator=gen, device="cuda") + 0.5).bfloat16(),
             **dispatch.prepare_extras(wp, ws, rot)}
@@ -102,17 +110,18 @@ def segment(kind: str, x, r, L, norm, silu) -> dict:
 def quant_alone(kind, x, r, L, mode):
     """The fused producer + act-quant kernel alone, and the act-quant alone on its input."""
     kw = {} if mode == aq.MODE_PAIRS else {"with_scale": True, "rounding": dispatch.act_rounding()}
+    rot = aq.Rotation(L["rot"], L.get("rotation_sign")) if L["rot"] is not None else None
     if kind == "norm":
-        return (lambda: nq.rms_norm_quantize(x, r, L["norm_w"], EPS, mode),
-                lambda xin: aq.quantize_activation(xin, None, mode, **kw))
-    rot = aq.Rotation(L["rot"], L.get("rotation_sign"))
+        return (lambda: nq.rms_norm_quantize(x, r, L["norm_w"], EPS, mode, input_rotation=rot),
+                lambda xin: aq.quantize_activation(xin, rot, mode, **kw))
     return (lambda: aq.quantize_activation(x, rot, mode, silu=True, **kw),
             lambda xin: aq.quantize_activation(xin, rot, mode, **kw))
 
 
 def markdown(result: dict) -> str:
     """The README table: each segment's speed-up over bf16, unfused and fused, per M."""
-    names = {"qkv": "norm + qkv", "gate_up": "norm + gate_up", "down": "SiLU-mul + down (R4)"}
+    names = {"qkv": "norm + qkv", "gate_up": "norm + gate_up", "down": "SiLU-mul + down (R4)",
+             "qkv_r1": "norm + qkv, R1 online", "gate_up_r1": "norm + gate_up, R1 online"}
     ms = sorted({r["M"] for r in result["rows"]})
     lines = ["| segment | " + " | ".join(f"M = {m}" if i == 0 else str(m) for i, m in enumerate(ms)) + " |",
              "| --- |" + " --- |" * len(ms)]
@@ -134,10 +143,10 @@ def main() -> None:
     result = {"checks": checks(gen), "rows": []}
     print(result["checks"], flush=True)
     for name in args.shapes.split(","):
-        N, K = SHAPES[name]
+        N, K = SHAPES[name.removesuffix("_r1")]
         kind = "silu" if name == "down" else "norm"
         for M in MS:
-            layers = [layer(N, K, gen, kind == "silu") for _ in range(32 if M == 1 else 4)]
+            layers = [layer(N, K, gen, kind == "silu" or name.endswith("_r1")) for _ in range(32 if M == 1 else 4)]
             x, r = outlier_x(M, 2 * K if kind == "silu" else K, gen), outlier_x(M, K, gen)
             seg = [segment(kind, x, r, L, norm, silu) for L in layers]
             yf, yu, y_ref = seg[0]["fused"](), seg[0]["unfused"](), seg[0]["reference"]()

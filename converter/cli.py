@@ -29,6 +29,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the random signs (default %(default)s)")
     for r, where in (("r1", "hidden size"), ("r2", "per attention head, v/o"), ("r4", "down_proj input, online")):
         g.add_argument(f"--no-{r}", dest=r, action="store_false", help=f"skip {r.upper()} ({where})")
+    g.add_argument("--r1-mode", choices=CHOICES["r1_mode"], default=d.r1_mode,
+                   help="fused: fold the RMSNorm gains into the weights and R1 into the residual stream; "
+                        "online: keep the gains in the norms and rotate q/k/v/gate/up's input online "
+                        "(more accurate; default %(default)s)")
     g = p.add_argument_group("quantization")
     g.add_argument("--quantizer", choices=CHOICES["quantizer"], default=d.quantizer,
                    help="gptq (default), rtn (round to nearest), none (rotate only, keep the source dtype)")

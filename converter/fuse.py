@@ -1,10 +1,18 @@
 """RMSNorm fusion and rotation folding: the exact (unquantized) part of the conversion.
 
-RMSNorm commutes with an orthogonal R only when its weight is all ones, so each norm
-weight g is first folded into the linears that read it (W <- W diag(g)) and set to 1.
+R1 has two placements (``--r1-mode``):
+- fused: RMSNorm commutes with an orthogonal R only when its weight is all ones, so each
+  norm weight g is first folded into the linears that read it (W <- W diag(g)) and set to
+  1. Then embed <- E R1; q,k,v,gate,up <- W R1; o,down <- R1^T W (and their biases b R1);
+  lm_head <- W R1. The residual stream then carries x R1 everywhere.
+- online: the norms keep their gains and the residual stream is not rotated; q,k,v,gate,up
+  <- W R1 and their input is rotated online (``input_rotation``), as R4's. R1 is one shared
+  32-block randomized Hadamard diag(s) H: s is folded into both norm weights (g <- g s, a
+  sign flip, exact), so the stored online rotation is the plain H. Why: folding g (max/median
+  gain up to 14x on SmolLM2) into the weights makes their MXFP4 grid much coarser
+  (benchmarks/norm_fusion_ablation.py); kept in the norm, it scales the activation instead,
+  whose block scales follow it.
 Then, with x -> x R applied per block:
-- R1 (hidden): embed <- E R1; q,k,v,gate,up <- W R1; o,down <- R1^T W (and their biases
-  b R1); lm_head <- W R1. The residual stream then carries x R1 everywhere.
 - R2 (per head): v <- R2^T W (rows of each head, and the v bias), o <- W R2 (columns of
   each head). One R2 for all heads, as grouped-query attention shares v heads.
 - R4 (MLP intermediate): down <- W R4 offline; the online x R4 is ``input_rotation``. A
@@ -32,6 +40,9 @@ from vllm_brq.rotation import hadamard, make_rotation, rotate, rotate_weight_inp
 from .architectures import Dims, sub
 
 KIND_NAMES = {"block": "block_hadamard", "global": "global_hadamard", "none": "none"}
+NORM_READERS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+R1_READERS = tuple(name for _, readers in NORM_READERS for name in readers)  # online R1's linears
 
 
 @dataclass
@@ -42,10 +53,25 @@ class Rotations:
     r2: torch.Tensor | None
     r4: torch.Tensor | None  # the online R4 (the checkpoint's down_proj input_rotation)
     r4_signs: torch.Tensor | None = None  # s folded into up_proj's rows; R4 as drawn = diag(s) r4
+    r1_online: torch.Tensor | None = None  # --r1-mode online: q/k/v/gate/up's input_rotation (r1 is None)
+    r1_signs: torch.Tensor | None = None  # s folded into the norm weights; R1 as drawn = diag(s) r1_online
+
+    @property
+    def fuse_norms(self) -> bool:
+        """Norm gains go into the weights unless R1 is applied online (then they must stay)."""
+        return self.r1_online is None
 
     def r4_drawn(self) -> torch.Tensor:
         """The R4 the weight side of down_proj is rotated by."""
-        return self.r4 if self.r4_signs is None else self.r4_signs[:, None] * self.r4
+        return _drawn(self.r4, self.r4_signs)
+
+    def r1_drawn(self) -> torch.Tensor:
+        """The online R1 the weight side of q/k/v/gate/up is rotated by."""
+        return _drawn(self.r1_online, self.r1_signs)
+
+
+def _drawn(plain: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
+    return plain if signs is None else signs[:, None] * plain
 
 
 def split_signs(r: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -60,20 +86,28 @@ def split_signs(r: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     return s, plain
 
 
-def build_rotations(kind: str, d: Dims, block: int, seed: int, r1: bool, r2: bool, r4: bool) -> Rotations:
-    """R1 and R2 are folded offline (one block per position); R4 is applied online, so a
-    block rotation is one shared [b, b] matrix, its random signs folded into up_proj.
-    One R of each kind serves every layer."""
+def build_rotations(kind: str, d: Dims, block: int, seed: int, r1: bool, r2: bool, r4: bool,
+                    r1_online: bool = False) -> Rotations:
+    """Folded rotations (R1 fused, R2) have one block per position; an online one (R4, R1
+    online) is one shared [b, b] matrix whose random signs are folded into the weights or
+    norms before it. One R of each kind serves every layer."""
     k = KIND_NAMES[kind]
-    r4_signs, r4_online = None, None
-    if r4 and (drawn := make_rotation(k, d.intermediate, block, seed, "r4", shared=True)) is not None:
-        r4_signs, r4_online = split_signs(drawn)
+    r4_signs, r4_plain = _online(k, d.intermediate, block, seed, "r4") if r4 else (None, None)
+    r1_signs, r1_plain = _online(k, d.hidden, block, seed, "r1") if r1 and r1_online else (None, None)
     return Rotations(
-        r1=make_rotation(k, d.hidden, block, seed, "r1") if r1 else None,
+        r1=make_rotation(k, d.hidden, block, seed, "r1") if r1 and not r1_online else None,
         r2=make_rotation(k, d.head_dim, block, seed, "r2") if r2 else None,
-        r4=r4_online,
+        r4=r4_plain,
         r4_signs=r4_signs,
+        r1_online=r1_plain,
+        r1_signs=r1_signs,
     )
+
+
+def _online(kind: str, dim: int, block: int, seed: int, stream: str):
+    """(signs, plain) of an online rotation, or (None, None) for kind none."""
+    drawn = make_rotation(kind, dim, block, seed, stream, shared=True)
+    return (None, None) if drawn is None else split_signs(drawn)
 
 
 def per_head(r: torch.Tensor, head_dim: int, heads: int) -> torch.Tensor:
@@ -89,16 +123,22 @@ def _set(param: nn.Parameter, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def transform_layer(layer: nn.Module, rot: Rotations, d: Dims) -> None:
-    """Fuse both norms of one decoder layer and fold R1/R2/R4 (weight side) into its linears."""
-    for norm_name, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                               ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+    """Fuse both norms of one decoder layer (or, R1 online, fold R1's signs into them) and fold
+    R1/R2/R4 (weight side) into its linears."""
+    for norm_name, readers in NORM_READERS:
         norm = sub(layer, norm_name)
         g = norm.weight.double()
         for name in readers:
             lin = sub(layer, name)
+            if rot.r1_online is not None:
+                _set(lin.weight, rotate_weight_input(lin.weight.double(), rot.r1_drawn()))
+                continue
             w = lin.weight.double() * g
             _set(lin.weight, rotate_weight_input(w, rot.r1) if rot.r1 is not None else w)
-        norm.weight.data.fill_(1)
+        if rot.r1_online is None:
+            norm.weight.data.fill_(1)
+        elif rot.r1_signs is not None:
+            _set(norm.weight, g * rot.r1_signs.repeat(g.numel() // rot.r1_signs.numel()).to(g.device, torch.float64))
     for name in ("self_attn.o_proj", "mlp.down_proj"):
         lin = sub(layer, name)
         w = lin.weight.double()
@@ -127,8 +167,10 @@ def transform_layer(layer: nn.Module, rot: Rotations, d: Dims) -> None:
 
 @torch.no_grad()
 def transform_ends(model: nn.Module, rot: Rotations) -> bool:
-    """Embedding and lm_head (with the final norm fused). Returns whether lm_head was
-    untied from the embedding."""
+    """Embedding and lm_head (with the final norm fused, unless R1 is online: then nothing
+    needs it and both stay as they are). Returns whether lm_head was untied from the embedding."""
+    if not rot.fuse_norms:
+        return False
     emb = model.model.embed_tokens.weight
     head = model.lm_head.weight
     norm = model.model.norm

@@ -48,6 +48,7 @@ CHOICES = {
     "quantizer": ("gptq", "rtn", "none"),
     "activations": ("mxfp4", "none"),
     "lm_head": ("source", "fp8"),
+    "r1_mode": fmt.R1_MODES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 CHUNK_TOKENS = 8192  # tokens per layer forward during calibration
@@ -61,6 +62,7 @@ class Options:
     rotation_block_size: int = 32
     seed: int = 0
     r1: bool = True
+    r1_mode: str = "fused"
     r2: bool = True
     r4: bool = True
     quantizer: str = "gptq"
@@ -220,7 +222,8 @@ def load(src: Path, opts: Options):
 def quantization_config(opts: Options, report: Report) -> dict:
     r1, r2, r4 = opts.rotated
     rotation = {"kind": fuse.KIND_NAMES[opts.rotation], "block_size": opts.rotation_block_size,
-                "seed": opts.seed, "r1": r1, "r2": r2, "r4": r4}
+                "seed": opts.seed, "r1": r1, "r1_mode": "online" if r1 and opts.r1_mode == "online" else "fused",
+                "r2": r2, "r4": r4}
     quantizer = {"method": opts.quantizer}
     if opts.quantizer == "gptq":
         quantizer.update(block_size=128, damp=0.01, act_order=True, static_groups=True,
@@ -237,7 +240,8 @@ def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None 
     ``ids`` [nsamples, seqlen] replaces the calibration text (benchmarks)."""
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = arch.dims(model.config)
-    rot = fuse.build_rotations(opts.rotation, d, opts.rotation_block_size, opts.seed, *opts.rotated)
+    rot = fuse.build_rotations(opts.rotation, d, opts.rotation_block_size, opts.seed, *opts.rotated,
+                               r1_online=opts.r1_mode == "online")
     report = Report(untied_lm_head=fuse.transform_ends(model, rot))
     if opts.lm_head == "fp8":
         quantize_head_fp8(model, report)
@@ -255,10 +259,11 @@ def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None 
         t0 = time.monotonic()
         layer.to(device)
         fuse.transform_layer(layer, rot, d)
-        if rot.r4 is not None:
-            down = layer.mlp.down_proj
-            layer.mlp.down_proj = ReferenceLinear(weight=down.weight.data, bias=_data(down.bias),
-                                                  input_rotation=rot.r4.float(), quantize_activations=False)
+        for names, r in ((fuse.R1_READERS, rot.r1_online), (("mlp.down_proj",), rot.r4)):
+            for name in names if r is not None else ():  # online rotations: the served input is x R
+                lin = arch.sub(layer, name)
+                arch.set_sub(layer, name, ReferenceLinear(weight=lin.weight.data, bias=_data(lin.bias),
+                                                          input_rotation=r.float(), quantize_activations=False))
         if opts.quantizer == "gptq":
             hidden = quantize_layer_gptq(layer, i, hidden, kwargs, act, opts.scale_search, report)
         elif opts.quantizer == "rtn":

@@ -55,6 +55,16 @@ def write_checkpoint(folder: Path, model: nn.Module, src: Path, qcfg: dict, card
     (folder / "README.md").write_text(card)
 
 
+def _norm_line(rot: dict) -> str:
+    if rot.get("r1_mode") == "online":
+        return ("- RMSNorm weights keep their gains (times R1's random signs); R1 (hidden) is applied online at "
+                "q/k/v and gate/up and R4 at the down_proj input (`input_rotation`, the plain Hadamard H of "
+                "R = diag(s) H), their weight sides folded into the weights, as R2 (per attention head, v/o).")
+    return ("- RMSNorm weights fused into the following linears; rotations folded into the weights "
+            "(R1 hidden, R2 per attention head on v/o, R4 on the down_proj input, applied online as "
+            "`input_rotation`; a randomized Hadamard R4 = diag(s) H keeps H online, s folded into up_proj).")
+
+
 def model_card(source: str, qcfg: dict, command: str, report) -> str:
     """Model card: what was done, with which settings and data, and how to reproduce it."""
     from .pipeline import summary_lines
@@ -69,9 +79,7 @@ def model_card(source: str, qcfg: dict, command: str, report) -> str:
         f"Converted from `{source}` by {qcfg['converter']} (`brq-convert`).",
         "Serve it with `vllm serve <this folder> --quantization brq` (the vllm-brq plugin).", "",
         "## Method", "",
-        "- RMSNorm weights fused into the following linears; rotations folded into the weights "
-        "(R1 hidden, R2 per attention head on v/o, R4 on the down_proj input, applied online as "
-        "`input_rotation`; a randomized Hadamard R4 = diag(s) H keeps H online, s folded into up_proj).",
+        _norm_line(rot),
         f"- Rotation: {rot['kind']}, block size {rot['block_size']}, seed {rot['seed']}, positions: {positions}.",
         f"- Weights: MXFP4 (E2M1, E8M0 scale per 32 inputs), quantizer: {q['method']}"
         + (f" (blocks of {q['block_size']} columns, relative damping {q['damp']}, act-order over "

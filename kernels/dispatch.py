@@ -445,6 +445,17 @@ def _quantized_linear(route: str, backend: str, quantize, weight_packed, weight_
     return scaled_mm_fp8(xf, xsc, weight_fp8, weight_fp8_scale, bias, out_dtype)
 
 
+def _shared_rotation(input_rotation: torch.Tensor | None, x: torch.Tensor, K: int) -> bool:
+    """Whether the fused producers (norm-quant, SiLU-mul act-quant) can apply this rotation:
+    none, or one shared 32-block R (the converter's R4 and online R1); the one-pass FP8 row
+    kernels take no per-block R."""
+    if input_rotation is None or not x.is_cuda:
+        return input_rotation is None
+    from vllm_brq.kernels import act_quant as aq
+
+    return aq.fusable_rotation(input_rotation, K) and input_rotation.dim() == 2
+
+
 def _fusable_route(x: torch.Tensor, K: int, quantize_activations: bool, weight_fp8, rotation_ok: bool):
     """(backend, route) when the producer before the linear can write its operand itself: a
     Triton backend, 16-bit activations, a "pairs" or "fp8" route (FP8: whole rows in registers)."""
@@ -481,7 +492,7 @@ def brq_norm_linear(
     normalized activation never goes to memory in bf16); elsewhere the norm runs in torch
     (rms_norm_reference) and then brq_linear, with the same result."""
     K = x.shape[-1]
-    backend, route = _fusable_route(x, K, quantize_activations, weight_fp8, input_rotation is None)
+    backend, route = _fusable_route(x, K, quantize_activations, weight_fp8, _shared_rotation(input_rotation, x, K))
     if route is None:
         normed, residual_out = rms_norm_reference(x, residual, norm_weight, eps)
         y = brq_linear(normed, weight_packed, weight_scale, input_rotation, bias, quantize_activations,
@@ -493,8 +504,10 @@ def brq_norm_linear(
     r2 = residual.reshape(-1, K) if residual is not None else None
     out = []
 
+    rot = _rotation(input_rotation, rotation_sign)
+
     def quantize(mode, **options):
-        res = nq.rms_norm_quantize(x2, r2, norm_weight, eps, mode, **options)
+        res = nq.rms_norm_quantize(x2, r2, norm_weight, eps, mode, input_rotation=rot, **options)
         out.append(res[-1])
         return res
 
@@ -522,13 +535,8 @@ def brq_silu_linear(
     from vllm_brq.kernels.reference import silu_mul_reference
 
     K = gate_up.shape[-1] // 2
-    rotation_ok = input_rotation is None
-    if input_rotation is not None and gate_up.is_cuda:
-        from vllm_brq.kernels import act_quant as aq
-
-        # the one-pass FP8 kernel takes a shared 32-block rotation only (the converter's R4)
-        rotation_ok = aq.fusable_rotation(input_rotation, K) and input_rotation.dim() == 2
-    backend, route = _fusable_route(gate_up, K, quantize_activations, weight_fp8, rotation_ok)
+    backend, route = _fusable_route(gate_up, K, quantize_activations, weight_fp8,
+                                    _shared_rotation(input_rotation, gate_up, K))
     if route is None:
         return brq_linear(silu_mul_reference(gate_up), weight_packed, weight_scale, input_rotation, bias,
                           quantize_activations, weight_fp8, weight_fp8_scale, rotation_sign, *marlin)

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from vllm_brq.kernels.act_quant import (MODE_FP8, MODE_PAIRS, _block_codes, _fp8_row_tile, _interpreting,
-                                        _pdl_launch, store_pairs)
+from vllm_brq.kernels.act_quant import (MODE_FP8, MODE_PAIRS, Rotation, _block_codes, _fp8_row_tile, _interpreting,
+                                        _pdl_launch, _rotate, _rotation_operand, store_pairs)
 
 
 @triton.jit
@@ -64,20 +64,23 @@ def _normalize(h, ss, w_ptr, k0, K, eps, NB: tl.constexpr):
 
 
 @triton.jit
-def _norm_fp8_row_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm, stride_rm, stride_om,
-                         stride_qm, eps, HAS_RES: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr,
-                         ROUND: tl.constexpr):
+def _norm_fp8_row_kernel(x_ptr, r_ptr, o_ptr, w_ptr, rot_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, M, K, stride_xm,
+                         stride_rm, stride_om, stride_qm, eps, HAS_RES: tl.constexpr, BM: tl.constexpr,
+                         NBP: tl.constexpr, ROUND: tl.constexpr, HAS_R: tl.constexpr = False,
+                         SIGN: tl.constexpr = False, HAD: tl.constexpr = False, PLAIN: tl.constexpr = False,
+                         ROT_PRECISION: tl.constexpr = "ieee"):
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     h = _load_sum(x_ptr, r_ptr, o_ptr, offs_m, 0, M, K, stride_xm, stride_rm, stride_om, NBP, HAS_RES, True)
     n = _normalize(h, _sum_squares(h), w_ptr, 0, K, eps, NBP).to(x_ptr.dtype.element_ty)
-    _fp8_row_tile(n, x_ptr, x_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm, False, False, BM, NBP, "ieee",
-                  ROUND)
+    _fp8_row_tile(n, rot_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm, HAS_R, SIGN, BM, NBP,
+                  ROT_PRECISION, ROUND, HAD, PLAIN)
 
 
 @triton.jit
-def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_rm, stride_om, stride_qm,
-                       stride_sm, eps, HAS_RES: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                       SUM_NB: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False):
+def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, rot_ptr, rs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_rm,
+                       stride_om, stride_qm, stride_sm, eps, HAS_RES: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+                       SUM_NB: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, WAIT_PRIMARY: tl.constexpr = False,
+                       HAS_R: tl.constexpr = False, SIGN: tl.constexpr = False, ROT_PRECISION: tl.constexpr = "ieee"):
     if LAUNCH_DEPENDENTS:  # the PDL-launched gemv after this may start streaming its weights now
         gdc_launch_dependents()
     if WAIT_PRIMARY:  # launched as a programmatic dependent: x is complete only after the wait
@@ -89,14 +92,20 @@ def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_xm
                                      SUM_NB, HAS_RES, False))
     k0 = tl.program_id(1) * NB * 32
     h = _load_sum(x_ptr, r_ptr, o_ptr, offs_m, k0, M, K, stride_xm, stride_rm, stride_om, NB, HAS_RES, True)
-    e, code = _block_codes(_normalize(h, ss, w_ptr, k0, K, eps, NB))
+    n = _normalize(h, ss, w_ptr, k0, K, eps, NB)
+    if HAS_R:  # R1 online: the normalized activation (rounded to x's dtype, as the reference) times R
+        n = _rotate(n.to(x_ptr.dtype.element_ty), rot_ptr, tl.arange(0, NB), tl.arange(0, 32), 0, 0, BM, NB, HAS_R,
+                    ROT_PRECISION, SIGN, rs_ptr)
+    e, code = _block_codes(n)
     store_pairs(q_ptr, s_ptr, e, code, offs_m, k0, M, K, stride_qm, stride_sm, NB)
 
 
 def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, mode: int,
                       rounding: str = "bits", launch_dependents: bool = False, pdl: bool = False,
-                      nb: int | None = None, num_warps: int | None = None):
+                      nb: int | None = None, num_warps: int | None = None, input_rotation=None):
     """x [M, K] (+ residual [M, K]) -> RMSNorm with `weight` [K] -> MXFP4 as act_quant's `mode`:
+    (rotated per 32-block by `input_rotation` first, a shared [32, 32] tensor or act_quant.Rotation:
+    R1 online; MODE_FP8 rotates a Rotation.hadamard by the row kernel's FWHT)
     MODE_FP8: (e4m3 [M, K], row exponents int32 [M], float32 row scales [M, 1], residual_out);
     MODE_PAIRS: (float16 [M, K] in pairs_order, E8M0 scales uint8 [M, K/32], residual_out).
     residual_out = x + residual in x's dtype (None without a residual). launch_dependents /
@@ -113,6 +122,13 @@ def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     out = None if res is None else torch.empty_like(x)
     weight = weight.contiguous()
     r_args = (res if res is not None else x, out if out is not None else x)
+    rot, sign, r_bstride = _rotation_operand(input_rotation, K, x.device, x.dtype)
+    if r_bstride:
+        raise ValueError("rms_norm_quantize fuses a shared [32, 32] rotation only")
+    had = isinstance(input_rotation, Rotation) and input_rotation.hadamard
+    rot_kw = dict(HAS_R=rot is not None, SIGN=sign is not None,
+                  ROT_PRECISION="ieee" if sign is not None and sign.dtype == torch.float32 else "tf32x3")
+    rot_args = (rot if rot is not None else x, sign if sign is not None else x)
     r_strides = (res.stride(0) if res is not None else 0, out.stride(0) if out is not None else 0)
     if mode == MODE_FP8:
         nbp = triton.next_power_of_2(K // 32)
@@ -121,8 +137,9 @@ def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: to
         sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
         bm = max(1 if nbp >= 256 else 2, 16 // nbp)  # as act_quant's one-pass row kernel
         _norm_fp8_row_kernel[(triton.cdiv(M, bm),)](
-            x, *r_args, weight, q, e, sc, M, K, x.stride(0), *r_strides, q.stride(0), eps,
-            HAS_RES=res is not None, BM=bm, NBP=nbp, ROUND=rounding, num_warps=8 if nbp >= 256 else 4)
+            x, *r_args, weight, *rot_args, q, e, sc, M, K, x.stride(0), *r_strides, q.stride(0), eps,
+            HAS_RES=res is not None, BM=bm, NBP=nbp, ROUND=rounding, HAD=had,
+            PLAIN=had and input_rotation.plain, num_warps=8 if nbp >= 256 else 4, **rot_kw)
         return q, e, sc, out
     if mode != MODE_PAIRS:
         raise ValueError(f"rms_norm_quantize takes MODE_FP8 or MODE_PAIRS, got {mode}")
@@ -135,8 +152,8 @@ def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     # M = 1 on 8 warps: the norm + qkv decode segment 9.3-9.4 vs 10.3-10.4 us with 4 (H100, three runs,
     # benchmarks/norm_pairs_sweep.py); the whole-row sum of squares is spread over twice the threads
     _norm_pairs_kernel[(triton.cdiv(M, bm), triton.cdiv(K, nb * 32))](
-        x, *r_args, weight, q, s, M, K, x.stride(0), *r_strides, q.stride(0), s.stride(0), eps,
+        x, *r_args, weight, *rot_args, q, s, M, K, x.stride(0), *r_strides, q.stride(0), s.stride(0), eps,
         HAS_RES=res is not None, BM=bm, NB=nb, SUM_NB=min(triton.next_power_of_2(K // 32), 256 // bm),
         LAUNCH_DEPENDENTS=launch_dependents and not _interpreting(),
-        num_warps=num_warps or (8 if bm == 1 else 4), **_pdl_launch(pdl and not _interpreting()))
+        num_warps=num_warps or (8 if bm == 1 else 4), **_pdl_launch(pdl and not _interpreting()), **rot_kw)
     return q, s, out

@@ -44,7 +44,8 @@ def test_gptq_checkpoint_follows_format_v1(tmp_path, qwen2, austen_dir):
     q = fmt.parse_config(cfg["quantization_config"])
     assert q.quantizer["method"] == "gptq" and q.quantizer["scale_search"] is True
     assert q.quantizer["calibration"] == {"source": "file persuasion.txt", "nsamples": 4, "seqlen": 64}
-    assert q.rotation == {"kind": "block_hadamard", "block_size": 32, "seed": 0, "r1": True, "r2": True, "r4": True}
+    assert q.rotation == {"kind": "block_hadamard", "block_size": 32, "seed": 0, "r1": True, "r1_mode": "fused",
+                          "r2": True, "r4": True}
     tensors = load_file(out / "model.safetensors")
     for layer in range(cfg["num_hidden_layers"]):
         for name in LINEARS:

@@ -22,6 +22,10 @@ CASES = [
     ("llama", {"rotation": "global"}),
     ("llama", {"rotation_block_size": 16, "seed": 3}),
     ("llama", {"r1": False}),
+    ("llama", {"r1_mode": "online"}),  # gains kept in the norms (times R1's signs), R1 online at q/k/v/gate/up
+    ("qwen2", {"r1_mode": "online"}),
+    ("llama_tied", {"r1_mode": "online"}),  # the final norm stays: lm_head stays tied
+    ("qwen3", {"r1_mode": "online", "rotation_block_size": 16}),
 ]
 
 
@@ -38,7 +42,10 @@ def test_rotated_model_gives_original_logits(tmp_path: Path, kind: str, options:
     assert float((got - want).norm() / want.norm()) < 1e-4
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quantizer"]["method"] == "none"
-    assert cfg["tie_word_embeddings"] is False  # untied sources, or tied with a final norm != 1
+    online = options.get("r1_mode") == "online"
+    assert cfg["quantization_config"]["rotation"]["r1_mode"] == ("online" if online else "fused")
+    # untied sources, or tied with a final norm != 1 fused into lm_head (R1 online fuses no norm)
+    assert cfg["tie_word_embeddings"] is (online and kind == "llama_tied")
 
 
 def test_tied_embeddings_stay_tied_when_final_norm_is_one(tmp_path: Path):

@@ -80,14 +80,19 @@ ACT_CASES["act_quant_fp8_mma"] = (  # the plain R4 on tensor cores (round 14), b
      for rnd in ("fast", "bits") for silu in (False, True)])
 ACT_CASES["act_quant_fp8_mma_f16"] = (aq._act_quant_fp8_mma_kernel, dict(MMA_PTRS, x_ptr="*fp16"),
                                       [dict(NU=2048, ROUND="bits", MMA=True, num_warps=8)])
-NORM = {"x_ptr": "*bf16", "r_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*bf16", "eps": "fp32"}
-ACT_CASES.update({
+NORM = {"x_ptr": "*bf16", "r_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*bf16", "rot_ptr": "*fp32", "rs_ptr": "*bf16",
+        "eps": "fp32"}
+ACT_CASES.update({  # R1 online: the row kernel's FWHT (plain or signed Hadamard), the pairs kernel's +-1 dot
     "norm_fp8_row": (nq._norm_fp8_row_kernel, dict(NORM, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
                      [dict(HAS_RES=res, BM=bm, NBP=nbp, ROUND="bits", num_warps=w)
-                      for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for res in (False, True)]),
+                      for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for res in (False, True)]
+                     + [dict(HAS_RES=True, BM=2, NBP=128, ROUND="bits", HAS_R=True, SIGN=True, HAD=True, PLAIN=plain,
+                             num_warps=4) for plain in (False, True)]),
     "norm_pairs": (nq._norm_pairs_kernel, dict(NORM, q_ptr="*fp16", s_ptr="*u8"),
                    [dict(HAS_RES=res, BM=1, NB=16, SUM_NB=128, LAUNCH_DEPENDENTS=res, WAIT_PRIMARY=res, num_warps=w)
-                    for res in (False, True) for w in (4, 8)] + [dict(HAS_RES=True, BM=16, NB=4, SUM_NB=128, LAUNCH_DEPENDENTS=False)]),
+                    for res in (False, True) for w in (4, 8)] + [dict(HAS_RES=True, BM=16, NB=4, SUM_NB=128, LAUNCH_DEPENDENTS=False)]
+                   + [dict(HAS_RES=True, BM=1, NB=16, SUM_NB=128, LAUNCH_DEPENDENTS=True, WAIT_PRIMARY=True, HAS_R=True,
+                           SIGN=True, ROT_PRECISION="tf32x3", num_warps=8)]),
 })
 
 

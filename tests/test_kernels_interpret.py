@@ -76,18 +76,21 @@ def _run(name, seed):
         xh = x.half()
         res = (torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1)) * 4).half()
         nw = (torch.rand(K, generator=torch.Generator().manual_seed(seed + 2)) + 0.5).half()
-        for r in (None, res):
+        # R1 online: the signed Hadamard (FWHT in MODE_FP8, the +-1 dot in MODE_PAIRS), the plain one
+        # (brq-convert's online R1: signs folded into the norm weight), a float32 R (the tf32x3 dot)
+        online = (aq.Rotation.prepare(rots[1], dtype=torch.float16), aq.Rotation.prepare(hadamard(32).float()), rots[1])
+        for r, rot in [(None, None), (res, None)] + [(res, o) for o in online]:
             n0, r0 = ref.rms_norm_reference(xh, r, nw, 1e-5)
-            f0, e0, c0 = aq.quantize_activation(n0, None, aq.MODE_FP8, with_scale=True)
-            f, e, c, ro = nq.rms_norm_quantize(xh, r, nw, 1e-5, aq.MODE_FP8)
-            p0, s0 = aq.quantize_activation(n0, None, aq.MODE_PAIRS)
-            p, s, ro2 = nq.rms_norm_quantize(xh, r, nw, 1e-5, aq.MODE_PAIRS)
+            f0, e0, c0 = aq.quantize_activation(n0, rot, aq.MODE_FP8, with_scale=True)
+            f, e, c, ro = nq.rms_norm_quantize(xh, r, nw, 1e-5, aq.MODE_FP8, input_rotation=rot)
+            p0, s0 = aq.quantize_activation(n0, rot, aq.MODE_PAIRS)
+            p, s, ro2 = nq.rms_norm_quantize(xh, r, nw, 1e-5, aq.MODE_PAIRS, input_rotation=rot)
             assert (ro is None) == (r is None) and (r is None or (torch.equal(ro, r0) and torch.equal(ro2, r0)))
             # the float32 sum of squares runs in another order than torch's mean: a code may move on a tie
-            assert (f.float() != f0.float()).sum() <= 2 and torch.equal(e, e0) and torch.equal(c, c0)
-            assert (p.view(torch.int16) != p0.view(torch.int16)).sum() <= 2 and (s != s0).sum() <= 1
+            assert (f.float() != f0.float()).sum() <= 2 and torch.equal(e, e0) and torch.equal(c, c0), type(rot)
+            assert (p.view(torch.int16) != p0.view(torch.int16)).sum() <= 2 and (s != s0).sum() <= 1, type(rot)
             for nb in (2, 4):  # other launch shapes (norm_pairs_sweep.py): the same operand
-                got = nq.rms_norm_quantize(xh, r, nw, 1e-5, aq.MODE_PAIRS, nb=nb, num_warps=8)
+                got = nq.rms_norm_quantize(xh, r, nw, 1e-5, aq.MODE_PAIRS, nb=nb, num_warps=8, input_rotation=rot)
                 assert torch.equal(got[0], p) and torch.equal(got[1], s), nb
         return
     if name == "silu_quant":  # SiLU-mul of gate_up computed in the act-quant's loads (down_proj's input)

@@ -100,6 +100,20 @@ def test_malformed_tensor_fails_before_serving(base, case):
             pass
 
 
+@pytest.mark.slow
+def test_r1_online_needs_rotations_on_qkv_and_gate_up(base, tmp_path):
+    """r1_mode "online" puts input_rotation on q/k/v and gate/up; `base` has none on gate/up."""
+    import shutil
+
+    bad = shutil.copytree(base, tmp_path / "bad")
+    qcfg = pc.quantization_config()
+    qcfg["rotation"] = dict(qcfg["rotation"], r1=True, r1_mode="online")
+    pc.set_quantization_config(bad, qcfg)
+    with pytest.raises(fmt.FormatError, match=r"missing tensor model\.layers\.\d+\.mlp\.gate_proj\.input_rotation"):
+        with vh.inprocess_llm(bad):
+            pass
+
+
 @pytest.fixture(scope="module")
 def fp8_head(base):
     return pc.with_fp8_head(base, base.parent / "fp8head")
@@ -127,7 +141,8 @@ def test_malformed_fp8_head_fails_before_serving(fp8_head, case):
 
 
 @pytest.mark.parametrize("key, value", [("format_version", 3), ("activation_format", "int8"),
-                                        ("rotation", {"kind": "block_hadamard", "block_size": 24})])
+                                        ("rotation", {"kind": "block_hadamard", "block_size": 24}),
+                                        ("rotation", {"kind": "block_hadamard", "block_size": 32, "r1_mode": "sideways"})])
 def test_bad_config_fails_before_the_engine(base, key, value, tmp_path):
     """Detected in vLLM's config resolution, before any engine process starts."""
     import shutil

@@ -9,7 +9,8 @@ config.json gains::
     "quantization_config": {
       "quant_method": "brq", "format_version": 1,
       "weight_format": "mxfp4", "activation_format": "mxfp4" | "none", "group_size": 32,
-      "rotation": {"kind": ..., "block_size": 32, "seed": 0, "r1": bool, "r2": bool, "r4": bool},
+      "rotation": {"kind": ..., "block_size": 32, "seed": 0, "r1": bool, "r1_mode": "fused" | "online",
+                   "r2": bool, "r4": bool},
       "quantizer": {"method": "gptq" | "rtn" | "none", ...settings, "calibration": {...}},
       "ignore": ["lm_head"], "converter": "vllm-brq <version>"}
 
@@ -25,6 +26,11 @@ Per quantized linear P:
     P.input_rotation  float32 [b, b] | [in/b, b, b]   optional online x -> x @ R
     P.bias            source dtype [out]      if the source linear had one
 With quantizer "none" the linears keep their (rotated) ``P.weight`` in the source dtype.
+``input_rotation`` is required on down_proj when ``r4`` is set, and on q/k/v/gate/up
+(``R1_ONLINE_LINEARS``) when ``r1`` is set with ``r1_mode`` "online": the RMSNorm weights then
+keep their gains (times R1's signs) and the residual stream is not rotated. ``r1_mode`` absent
+means "fused" (checkpoints before it); a reader that ignores it still serves such a
+checkpoint correctly, since every linear applies whatever ``input_rotation`` it carries.
 
 The FP8 lm_head (version 2):
     lm_head.weight        float8_e4m3fn [vocab, hidden]   round(W / s_w), |.| <= 448
@@ -52,6 +58,8 @@ GROUP_SIZE = mxfp4.BLOCK
 WEIGHT_PACKED = "weight_packed"
 WEIGHT_SCALE = "weight_scale"
 INPUT_ROTATION = "input_rotation"
+R1_MODES = ("fused", "online")
+R1_ONLINE_LINEARS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
 class FormatError(ValueError):
@@ -112,6 +120,7 @@ def parse_config(cfg: dict[str, Any]) -> BRQConfig:
         raise FormatError(f"quantization_config.group_size = {group!r}; MXFP4 uses {GROUP_SIZE}")
     rotation = dict(_need(cfg, "rotation"))
     _one_of(_need(rotation, "kind", "quantization_config.rotation"), ROTATION_KINDS, "rotation.kind")
+    _one_of(rotation.get("r1_mode", "fused"), R1_MODES, "rotation.r1_mode")
     block = _need(rotation, "block_size", "quantization_config.rotation")
     if not isinstance(block, int) or block < 1:
         raise FormatError(f"quantization_config.rotation.block_size = {block!r} is not a positive integer")

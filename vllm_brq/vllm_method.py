@@ -49,6 +49,8 @@ logger = init_logger(__name__)
 
 WEIGHT = "weight"
 QKV_SHARDS = ("q", "k", "v")
+# linears whose input is the RMSNorm output: with R1 online (format.py) they carry input_rotation
+R1_ONLINE_LINEARS = ("qkv_proj", "gate_up_proj", *fmt.R1_ONLINE_LINEARS)
 
 
 def check_block_size(cfg: fmt.BRQConfig) -> None:
@@ -121,12 +123,17 @@ class BRQQuantConfig(QuantizationConfig):
 
     def expects_rotation(self, prefix: str) -> bool:
         """Whether the checkpoint must hold ``input_rotation`` for this layer: R4 on
-        down_proj, or every linear with the outlier-aware rotation. A silently absent
-        rotation would serve wrong numbers, so its absence is an error."""
-        kind = self.brq.rotation["kind"]
-        if kind == "outlier_aware":
+        down_proj, R1 online (``r1_mode`` "online") on q/k/v and gate/up, or every linear with
+        the outlier-aware rotation. A silently absent rotation would serve wrong numbers, so
+        its absence is an error."""
+        rot = self.brq.rotation
+        if rot["kind"] == "outlier_aware":
             return True
-        return kind != "none" and bool(self.brq.rotation.get("r4")) and prefix.endswith("down_proj")
+        if rot["kind"] == "none":
+            return False
+        r1_online = bool(rot.get("r1")) and rot.get("r1_mode") == "online"
+        return ((bool(rot.get("r4")) and prefix.endswith("down_proj"))
+                or (r1_online and prefix.rpartition(".")[2] in R1_ONLINE_LINEARS))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, ParallelLMHead):
