@@ -307,7 +307,16 @@ def _act_quant_fp8_mma_kernel(x_ptr, r_ptr, q_ptr, e_ptr, sc_ptr, K, stride_xm, 
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, NU)[:, None] * 8 + tl.arange(0, 8)[None, :]
     msk = offs < K
-    y = _hadamard32_mma(_load_x(x_ptr + row * stride_xm + offs, msk, K, SILU), NU, MMA)
+    fp8_mma_row(_load_x(x_ptr + row * stride_xm + offs, msk, K, SILU), r_ptr, q_ptr, e_ptr, sc_ptr, row, offs, msk,
+                stride_qm, NU, ROUND, MMA)
+
+
+@triton.jit
+def fp8_mma_row(x, r_ptr, q_ptr, e_ptr, sc_ptr, row, offs, msk, stride_qm, NU: tl.constexpr, ROUND: tl.constexpr,
+                MMA: tl.constexpr):
+    """One row x [NU, 8] (16-bit, offs/msk its columns) -> x H/c per 32-block on tensor cores -> the
+    FP8 operand, row exponent and row scale (also the norm-fused R1 kernel's tail, norm_quant.py)."""
+    y = _hadamard32_mma(x, NU, MMA)
     c = tl.abs(tl.load(r_ptr).to(tl.float32))
     e = _block_exponent(tl.max(tl.max(tl.reshape(tl.abs(y), [NU // 4, 4, 8]), axis=2), axis=1) * c)  # padding -127
     erow = tl.max(e, axis=0)

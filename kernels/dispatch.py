@@ -507,7 +507,8 @@ def brq_norm_linear(
     rot = _rotation(input_rotation, rotation_sign)
 
     def quantize(mode, **options):
-        res = nq.rms_norm_quantize(x2, r2, norm_weight, eps, mode, input_rotation=rot, **options)
+        res = nq.rms_norm_quantize(x2, r2, norm_weight, eps, mode, input_rotation=rot, hadamard=hadamard_impl(),
+                                   **options)
         out.append(res[-1])
         return res
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from vllm_brq.kernels.act_quant import (MODE_FP8, MODE_PAIRS, Rotation, _block_codes, _fp8_row_tile, _interpreting,
-                                        _pdl_launch, _rotate, _rotation_operand, store_pairs)
+                                        _pdl_launch, _rotate, _rotation_operand, fp8_mma_row, store_pairs)
 
 
 @triton.jit
@@ -53,14 +53,24 @@ def _sum_squares(h):
 
 
 @triton.jit
+def _inv_rms(ss, K, eps):
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
+
+
+@triton.jit
+def _scale(h, inv, w):
+    """(h * inv) rounded to the weight's dtype, times the weight (one rounding: the product of
+    two 16-bit floats is exact in float32), as float32; inv and w broadcast against h."""
+    n = (h * inv).to(w.dtype).to(tl.float32)
+    return (n * w.to(tl.float32)).to(w.dtype).to(tl.float32)
+
+
+@triton.jit
 def _normalize(h, ss, w_ptr, k0, K, eps, NB: tl.constexpr):
-    """(h * rsqrt(ss / K + eps)) rounded to the weight's dtype, times the weight (one rounding:
-    the product of two 16-bit floats is exact in float32), as float32 [NB, BM, 32]."""
-    inv = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, K * 1.0) + eps))
+    """The RMSNorm of h [NB, BM, 32] (float32) from its rows' sums of squares ss [BM]."""
     cols = k0 + tl.arange(0, NB)[:, None] * 32 + tl.arange(0, 32)[None, :]
     w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)
-    n = (h * inv[None, :, None]).to(w.dtype).to(tl.float32)
-    return (n * w.to(tl.float32)[:, None, :]).to(w.dtype).to(tl.float32)
+    return _scale(h, _inv_rms(ss, K, eps)[None, :, None], w[:, None, :])
 
 
 @triton.jit
@@ -74,6 +84,26 @@ def _norm_fp8_row_kernel(x_ptr, r_ptr, o_ptr, w_ptr, rot_ptr, rs_ptr, q_ptr, e_p
     n = _normalize(h, _sum_squares(h), w_ptr, 0, K, eps, NBP).to(x_ptr.dtype.element_ty)
     _fp8_row_tile(n, rot_ptr, rs_ptr, q_ptr, e_ptr, sc_ptr, offs_m, M, K, stride_qm, HAS_R, SIGN, BM, NBP,
                   ROT_PRECISION, ROUND, HAD, PLAIN)
+
+
+@triton.jit
+def _norm_fp8_mma_kernel(x_ptr, r_ptr, o_ptr, w_ptr, rot_ptr, q_ptr, e_ptr, sc_ptr, K, stride_xm, stride_rm, stride_om,
+                         stride_qm, eps, HAS_RES: tl.constexpr, NU: tl.constexpr, ROUND: tl.constexpr,
+                         MMA: tl.constexpr):
+    """MODE_FP8 with the plain Hadamard (R1 online): one row per program in the tensor-core
+    Hadamard's layout (act_quant `_act_quant_fp8_mma_kernel`: NU units of 8 elements), normalized
+    in registers, then that kernel's tail (`fp8_mma_row`)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NU)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    msk = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=msk, other=0.0)
+    h = x.to(tl.float32)
+    if HAS_RES:
+        h = h + tl.load(r_ptr + row * stride_rm + offs, mask=msk, other=0.0).to(tl.float32)
+        tl.store(o_ptr + row * stride_om + offs, h.to(x.dtype), mask=msk)
+    w = tl.load(w_ptr + offs, mask=msk, other=0.0)
+    n = _scale(h, _inv_rms(tl.sum(tl.sum(h * h, axis=1), axis=0), K, eps), w).to(x.dtype)
+    fp8_mma_row(n, rot_ptr, q_ptr, e_ptr, sc_ptr, row, offs, msk, stride_qm, NU, ROUND, MMA)
 
 
 @triton.jit
@@ -102,10 +132,12 @@ def _norm_pairs_kernel(x_ptr, r_ptr, o_ptr, w_ptr, rot_ptr, rs_ptr, q_ptr, s_ptr
 
 def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, mode: int,
                       rounding: str = "bits", launch_dependents: bool = False, pdl: bool = False,
-                      nb: int | None = None, num_warps: int | None = None, input_rotation=None):
+                      nb: int | None = None, num_warps: int | None = None, input_rotation=None,
+                      hadamard: str = "mma"):
     """x [M, K] (+ residual [M, K]) -> RMSNorm with `weight` [K] -> MXFP4 as act_quant's `mode`:
     (rotated per 32-block by `input_rotation` first, a shared [32, 32] tensor or act_quant.Rotation:
-    R1 online; MODE_FP8 rotates a Rotation.hadamard by the row kernel's FWHT)
+    R1 online; MODE_FP8 rotates the plain Hadamard (Rotation.plain, brq-convert's R1) on tensor
+    cores with hadamard "mma", as act_quant's R4, else a Rotation.hadamard by the row kernel's FWHT)
     MODE_FP8: (e4m3 [M, K], row exponents int32 [M], float32 row scales [M, 1], residual_out);
     MODE_PAIRS: (float16 [M, K] in pairs_order, E8M0 scales uint8 [M, K/32], residual_out).
     residual_out = x + residual in x's dtype (None without a residual). launch_dependents /
@@ -135,6 +167,14 @@ def rms_norm_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: to
         q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
         e = torch.empty(M, dtype=torch.int32, device=x.device)
         sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+        if had and input_rotation.plain and hadamard == "mma":
+            # H100, norm + qkv at M = 4096: the row kernel's FWHT made the fused segment slower than
+            # Inductor's norm + this layout's act-quant (benchmarks/bench_norm_quant.py, qkv_r1)
+            nu = max(32, triton.next_power_of_2(K // 8))
+            _norm_fp8_mma_kernel[(M,)](x, *r_args, weight, rot, q, e, sc, K, x.stride(0), *r_strides, q.stride(0),
+                                       eps, HAS_RES=res is not None, NU=nu, ROUND=rounding, MMA=not _interpreting(),
+                                       num_warps=4 if nu < 1024 else 8)
+            return q, e, sc, out
         bm = max(1 if nbp >= 256 else 2, 16 // nbp)  # as act_quant's one-pass row kernel
         _norm_fp8_row_kernel[(triton.cdiv(M, bm),)](
             x, *r_args, weight, *rot_args, q, e, sc, M, K, x.stride(0), *r_strides, q.stride(0), eps,

@@ -88,6 +88,9 @@ ACT_CASES.update({  # R1 online: the row kernel's FWHT (plain or signed Hadamard
                       for (bm, nbp, w) in ((1, 512, 8), (2, 128, 4)) for res in (False, True)]
                      + [dict(HAS_RES=True, BM=2, NBP=128, ROUND="bits", HAS_R=True, SIGN=True, HAD=True, PLAIN=plain,
                              num_warps=4) for plain in (False, True)]),
+    "norm_fp8_mma": (nq._norm_fp8_mma_kernel, dict(NORM, q_ptr="*fp8e4nv", e_ptr="*i32", sc_ptr="*fp32"),
+                     [dict(HAS_RES=True, NU=512, ROUND="bits", MMA=True, num_warps=4),
+                      dict(HAS_RES=False, NU=2048, ROUND="fast", MMA=True, num_warps=8)]),
     "norm_pairs": (nq._norm_pairs_kernel, dict(NORM, q_ptr="*fp16", s_ptr="*u8"),
                    [dict(HAS_RES=res, BM=1, NB=16, SUM_NB=128, LAUNCH_DEPENDENTS=res, WAIT_PRIMARY=res, num_warps=w)
                     for res in (False, True) for w in (4, 8)] + [dict(HAS_RES=True, BM=16, NB=4, SUM_NB=128, LAUNCH_DEPENDENTS=False)]
