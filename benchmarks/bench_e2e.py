@@ -59,10 +59,11 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4-normfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "norm"}),
 }
 DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
-BRQ_CHECKPOINTS = {  # checkpoint -> brq-convert options besides RTN and the block rotation
-    "llama3-8b-random-brq-w4a4": dict(activations="mxfp4"),
-    "llama3-8b-random-brq-w4a16": dict(activations="none"),
-    "llama3-8b-random-brq-w4a4-fp8head": dict(activations="mxfp4", lm_head="fp8"),
+BRQ_CHECKPOINTS = {  # checkpoint -> brq-convert options besides RTN and the block rotation (R1 fused:
+    # the rows measured before R1 online became the default keep their checkpoints)
+    "llama3-8b-random-brq-w4a4": dict(activations="mxfp4", r1_mode="fused"),
+    "llama3-8b-random-brq-w4a16": dict(activations="none", r1_mode="fused"),
+    "llama3-8b-random-brq-w4a4-fp8head": dict(activations="mxfp4", lm_head="fp8", r1_mode="fused"),
     "llama3-8b-random-brq-w4a4-r1online": dict(activations="mxfp4", r1_mode="online"),
 }
 PROFILED = ("bf16", "brq-w4a4")

@@ -30,9 +30,9 @@ def parser() -> argparse.ArgumentParser:
     for r, where in (("r1", "hidden size"), ("r2", "per attention head, v/o"), ("r4", "down_proj input, online")):
         g.add_argument(f"--no-{r}", dest=r, action="store_false", help=f"skip {r.upper()} ({where})")
     g.add_argument("--r1-mode", choices=CHOICES["r1_mode"], default=d.r1_mode,
-                   help="fused: fold the RMSNorm gains into the weights and R1 into the residual stream; "
-                        "online: keep the gains in the norms and rotate q/k/v/gate/up's input online "
-                        "(more accurate; default %(default)s)")
+                   help="online: keep the RMSNorm gains in the norms and rotate q/k/v/gate/up's input online "
+                        "(more accurate); fused: fold the gains into the weights and R1 into the residual stream; "
+                        "auto (default): online with --rotation block, else fused")
     g = p.add_argument_group("quantization")
     g.add_argument("--quantizer", choices=CHOICES["quantizer"], default=d.quantizer,
                    help="gptq (default), rtn (round to nearest), none (rotate only, keep the source dtype)")

@@ -48,7 +48,7 @@ CHOICES = {
     "quantizer": ("gptq", "rtn", "none"),
     "activations": ("mxfp4", "none"),
     "lm_head": ("source", "fp8"),
-    "r1_mode": fmt.R1_MODES,
+    "r1_mode": ("auto", *fmt.R1_MODES),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 CHUNK_TOKENS = 8192  # tokens per layer forward during calibration
@@ -62,7 +62,7 @@ class Options:
     rotation_block_size: int = 32
     seed: int = 0
     r1: bool = True
-    r1_mode: str = "fused"
+    r1_mode: str = "auto"  # online with block rotations (kernels fuse a 32-block R), else fused
     r2: bool = True
     r4: bool = True
     quantizer: str = "gptq"
@@ -81,6 +81,12 @@ class Options:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConvertError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of {list(allowed)}")
+
+    @property
+    def r1_online(self) -> bool:
+        """R1 applied online (norm gains kept): --r1-mode online, or auto with --rotation block."""
+        r1 = self.rotated[0]
+        return r1 and (self.r1_mode == "online" or self.r1_mode == "auto" and self.rotation == "block")
 
     @property
     def rotated(self) -> tuple[bool, bool, bool]:
@@ -222,7 +228,7 @@ def load(src: Path, opts: Options):
 def quantization_config(opts: Options, report: Report) -> dict:
     r1, r2, r4 = opts.rotated
     rotation = {"kind": fuse.KIND_NAMES[opts.rotation], "block_size": opts.rotation_block_size,
-                "seed": opts.seed, "r1": r1, "r1_mode": "online" if r1 and opts.r1_mode == "online" else "fused",
+                "seed": opts.seed, "r1": r1, "r1_mode": "online" if opts.r1_online else "fused",
                 "r2": r2, "r4": r4}
     quantizer = {"method": opts.quantizer}
     if opts.quantizer == "gptq":
@@ -241,7 +247,7 @@ def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = arch.dims(model.config)
     rot = fuse.build_rotations(opts.rotation, d, opts.rotation_block_size, opts.seed, *opts.rotated,
-                               r1_online=opts.r1_mode == "online")
+                               r1_online=opts.r1_online)
     report = Report(untied_lm_head=fuse.transform_ends(model, rot))
     if opts.lm_head == "fp8":
         quantize_head_fp8(model, report)

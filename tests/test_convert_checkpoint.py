@@ -44,7 +44,7 @@ def test_gptq_checkpoint_follows_format_v1(tmp_path, qwen2, austen_dir):
     q = fmt.parse_config(cfg["quantization_config"])
     assert q.quantizer["method"] == "gptq" and q.quantizer["scale_search"] is True
     assert q.quantizer["calibration"] == {"source": "file persuasion.txt", "nsamples": 4, "seqlen": 64}
-    assert q.rotation == {"kind": "block_hadamard", "block_size": 32, "seed": 0, "r1": True, "r1_mode": "fused",
+    assert q.rotation == {"kind": "block_hadamard", "block_size": 32, "seed": 0, "r1": True, "r1_mode": "online",
                           "r2": True, "r4": True}
     tensors = load_file(out / "model.safetensors")
     for layer in range(cfg["num_hidden_layers"]):
@@ -54,13 +54,17 @@ def test_gptq_checkpoint_follows_format_v1(tmp_path, qwen2, austen_dir):
             out_f = parts[fmt.WEIGHT_SCALE].shape[0]
             fmt.check_linear_tensors(prefix, parts, out_f, parts[fmt.WEIGHT_PACKED].shape[1] * 2)
             assert ("bias" in parts) == name.endswith(("q_proj", "k_proj", "v_proj"))
-            if name == "mlp.down_proj":
-                assert parts[fmt.INPUT_ROTATION].shape == (32, 32) and parts[fmt.INPUT_ROTATION].dtype == torch.float32
-                # the random signs of R4 live in up_proj's rows: online it is the plain Hadamard
-                assert torch.equal(parts[fmt.INPUT_ROTATION], hadamard(32, torch.float32))
-            else:
+            if name == "self_attn.o_proj":  # R2 is folded into v and o
                 assert fmt.INPUT_ROTATION not in parts
-    assert tensors["model.norm.weight"].eq(1).all() and "lm_head.weight" in tensors
+            else:  # R4 (down_proj) and R1 online (q/k/v, gate/up): the random signs live in up_proj's
+                # rows and in the norm weights, so online each is the plain Hadamard
+                assert parts[fmt.INPUT_ROTATION].shape == (32, 32) and parts[fmt.INPUT_ROTATION].dtype == torch.float32
+                assert torch.equal(parts[fmt.INPUT_ROTATION], hadamard(32, torch.float32))
+    # R1 online fuses no norm: the gains stay (times R1's signs), the final norm too
+    src_norms = load_file(next(qwen2.glob("*.safetensors")))
+    for key in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(tensors[key].abs(), src_norms[key].abs()), key
+    assert "lm_head.weight" in tensors
     assert (out.stat().st_mode & 0o077) == (0o777 & ~_umask() & 0o077)  # not mkdtemp's private mode
     assert ((out / "model.safetensors").stat().st_mode & 0o044) == (0o666 & ~_umask() & 0o044)
     card = (out / "README.md").read_text()

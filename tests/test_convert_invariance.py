@@ -16,16 +16,19 @@ from vllm_brq.converter import convert
 CASES = [
     ("llama", {}),
     ("qwen2", {}),  # q/k/v biases: the v bias follows R2
-    ("llama_tied", {}),  # final norm != 1: lm_head is untied
+    ("llama_tied", {}),  # R1 online fuses no norm: lm_head stays tied
     ("qwen3", {}),  # q_norm / k_norm
     ("mistral", {}),
     ("llama", {"rotation": "global"}),
     ("llama", {"rotation_block_size": 16, "seed": 3}),
     ("llama", {"r1": False}),
-    ("llama", {"r1_mode": "online"}),  # gains kept in the norms (times R1's signs), R1 online at q/k/v/gate/up
-    ("qwen2", {"r1_mode": "online"}),
-    ("llama_tied", {"r1_mode": "online"}),  # the final norm stays: lm_head stays tied
+    # the default R1 online keeps the norm gains (times R1's signs) and rotates q/k/v/gate/up's input;
+    # R1 fused folds the gains into the weights and R1 into the residual stream
+    ("llama", {"r1_mode": "fused"}),
+    ("qwen2", {"r1_mode": "fused"}),
+    ("llama_tied", {"r1_mode": "fused"}),  # final norm != 1 fused into lm_head: untied
     ("qwen3", {"r1_mode": "online", "rotation_block_size": 16}),
+    ("llama", {"rotation": "global", "r1_mode": "online"}),  # a dense online R1
 ]
 
 
@@ -42,10 +45,13 @@ def test_rotated_model_gives_original_logits(tmp_path: Path, kind: str, options:
     assert float((got - want).norm() / want.norm()) < 1e-4
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quantizer"]["method"] == "none"
-    online = options.get("r1_mode") == "online"
+    mode = options.get("r1_mode", "auto")
+    if mode == "auto":  # the default: R1 online with the block rotation, fused with the global one
+        mode = "online" if options.get("rotation", "block") == "block" else "fused"
+    online = options.get("r1", True) and mode == "online"
     assert cfg["quantization_config"]["rotation"]["r1_mode"] == ("online" if online else "fused")
     # untied sources, or tied with a final norm != 1 fused into lm_head (R1 online fuses no norm)
-    assert cfg["tie_word_embeddings"] is (online and kind == "llama_tied")
+    assert cfg["tie_word_embeddings"] is bool(online and kind == "llama_tied")
 
 
 def test_tied_embeddings_stay_tied_when_final_norm_is_one(tmp_path: Path):
