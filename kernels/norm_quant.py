@@ -11,12 +11,12 @@ act-quant references. Two outputs, as act_quant.py's modes of the same name:
   read once: sum, the row's mean square, the norm, the row exponent, the e4m3 operand. With
   R1 online's plain Hadamard, one row per program in the tensor-core Hadamard's layout
   (`_norm_fp8_mma_kernel`).
-- Either mode rotates the normalized row per 32-block first when the linear has a shared
-  input rotation (R1 online), as act_quant does for R4.
 - MODE_PAIRS (decode): a 2D grid (rows x chunks of NB blocks) as the plain act-quant; each
   program first sums the squares of its whole rows (one load of up to SUM_NB blocks per row:
   the loads of a loop run one after the other, a round trip each), then normalizes and
   quantizes its chunk, and writes that chunk of the residual.
+- Either mode rotates the normalized row per 32-block first when the linear has a shared
+  input rotation (R1 online), as act_quant does for R4.
 
 The norm's float32 sum runs in another order than torch's mean, so the normalized value
 can differ from the reference by one bf16 ulp (and then a code by one step) where the
