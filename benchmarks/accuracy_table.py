@@ -37,23 +37,34 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("accuracy-table")
 
 # name -> (label, brq-convert options); None = the unquantized model itself. Rows measured before
-# R1 online became the default (2026-11-24) pin --r1-mode fused, so they still convert the same.
+# R1 online and the FP8 head became the defaults (2026-11-24) pin --r1-mode fused / --lm-head source,
+# so they still convert the same; the method rows keep the source-dtype head (the comparison is the body).
+SOURCE_HEAD = ["--lm-head", "source"]
 ROWS = {
     "fp32": ("fp32 (unquantized)", None),
-    "rtn": ("RTN", ["--rotation", "none", "--quantizer", "rtn"]),
-    "gptq": ("GPTQ", ["--rotation", "none", "--quantizer", "gptq"]),
-    "quarot": ("global rotation + RTN (QuaRot)", ["--rotation", "global", "--quantizer", "rtn", "--r1-mode", "fused"]),
-    "quarot-gptq": ("global rotation + GPTQ (QuaRot+)", ["--rotation", "global", "--quantizer", "gptq", "--r1-mode", "fused"]),
-    "brq-rtn": ("block rotation + RTN, R1 fused", ["--rotation", "block", "--quantizer", "rtn", "--r1-mode", "fused"]),
-    "brq": ("block rotation + GPTQ (BRQ), R1 fused", ["--rotation", "block", "--quantizer", "gptq", "--r1-mode", "fused"]),
-    "brq-b16": ("BRQ, rotation block 16", ["--rotation", "block", "--rotation-block-size", "16", "--quantizer", "gptq", "--r1-mode", "fused"]),
-    "brq-b64": ("BRQ, rotation block 64", ["--rotation", "block", "--rotation-block-size", "64", "--quantizer", "gptq", "--r1-mode", "fused"]),
-    "brq-w4a16": ("BRQ W4A16", ["--rotation", "block", "--quantizer", "gptq", "--activations", "none", "--r1-mode", "fused"]),
+    "rtn": ("RTN", ["--rotation", "none", "--quantizer", "rtn", *SOURCE_HEAD]),
+    "gptq": ("GPTQ", ["--rotation", "none", "--quantizer", "gptq", *SOURCE_HEAD]),
+    "quarot": ("global rotation + RTN (QuaRot)", ["--rotation", "global", "--quantizer", "rtn", "--r1-mode", "fused",
+                                                  *SOURCE_HEAD]),
+    "quarot-gptq": ("global rotation + GPTQ (QuaRot+)", ["--rotation", "global", "--quantizer", "gptq", "--r1-mode",
+                                                         "fused", *SOURCE_HEAD]),
+    "brq-rtn": ("block rotation + RTN, R1 fused", ["--rotation", "block", "--quantizer", "rtn", "--r1-mode", "fused",
+                                                   *SOURCE_HEAD]),
+    "brq": ("block rotation + GPTQ (BRQ), R1 fused", ["--rotation", "block", "--quantizer", "gptq", "--r1-mode", "fused",
+                                                      *SOURCE_HEAD]),
+    "brq-b16": ("BRQ, rotation block 16", ["--rotation", "block", "--rotation-block-size", "16", "--quantizer", "gptq",
+                                           "--r1-mode", "fused", *SOURCE_HEAD]),
+    "brq-b64": ("BRQ, rotation block 64", ["--rotation", "block", "--rotation-block-size", "64", "--quantizer", "gptq",
+                                           "--r1-mode", "fused", *SOURCE_HEAD]),
+    "brq-w4a16": ("BRQ W4A16", ["--rotation", "block", "--quantizer", "gptq", "--activations", "none", "--r1-mode",
+                                "fused", *SOURCE_HEAD]),
     "brq-rtn-online": ("block rotation + RTN, R1 online", ["--rotation", "block", "--quantizer", "rtn",
-                                                            "--r1-mode", "online"]),
-    "brq-online": ("BRQ, R1 online (the default)", ["--rotation", "block", "--quantizer", "gptq", "--r1-mode", "online"]),
+                                                            "--r1-mode", "online", *SOURCE_HEAD]),
+    "brq-online": ("BRQ, R1 online", ["--rotation", "block", "--quantizer", "gptq", "--r1-mode", "online", *SOURCE_HEAD]),
+    "brq-default": ("BRQ, R1 online, FP8 head (the default)", ["--rotation", "block", "--quantizer", "gptq",
+                                                               "--r1-mode", "online", "--lm-head", "fp8"]),
 }
-SEEDED = ("brq-rtn", "brq", "brq-rtn-online", "brq-online")  # rows run with several rotation seeds
+SEEDED = ("brq-rtn", "brq", "brq-rtn-online", "brq-online", "brq-default")  # rows run with several rotation seeds
 
 
 def settings(quick: bool) -> dict:

@@ -42,8 +42,10 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "fp8": ("llama3-8b-random", ["--quantization", "fp8"], {}),
     "brq-w4a4": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {}),
     "brq-w4a16": ("llama3-8b-random-brq-w4a16", ["--quantization", "brq"], {}),
-    # brq-convert --lm-head fp8 (format version 2): the lm_head in e4m3, its input FP8 per token
+    # brq-convert --lm-head fp8 (format version 2): the lm_head in e4m3, its input as FP8 terms per token
     "brq-w4a4-fp8head": ("llama3-8b-random-brq-w4a4-fp8head", ["--quantization", "brq"], {}),
+    # brq-convert's defaults since session 16: R1 online and the FP8 head
+    "brq-w4a4-r1online-fp8head": ("llama3-8b-random-brq-w4a4-r1online-fp8head", ["--quantization", "brq"], {}),
     # brq-convert --r1-mode online: norm gains kept, q/k/v and gate/up rotate their input (in the norm kernel)
     "brq-w4a4-r1online": ("llama3-8b-random-brq-w4a4-r1online", ["--quantization", "brq"], {}),
     # beside the defaults (not in the default list; benchmarks/NOTES-kernels.md, round 6): the
@@ -58,15 +60,16 @@ MODES = {  # mode -> (checkpoint, vLLM arguments, environment)
     "brq-w4a4-unfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "0"}),
     "brq-w4a4-normfused": ("llama3-8b-random-brq-w4a4", ["--quantization", "brq"], {"BRQ_FUSE": "norm"}),
 }
-DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4", "brq-w4a16")
-BRQ_CHECKPOINTS = {  # checkpoint -> brq-convert options besides RTN and the block rotation (R1 fused:
-    # the rows measured before R1 online became the default keep their checkpoints)
-    "llama3-8b-random-brq-w4a4": dict(activations="mxfp4", r1_mode="fused"),
-    "llama3-8b-random-brq-w4a16": dict(activations="none", r1_mode="fused"),
+DEFAULT_MODES = ("bf16", "fp8", "brq-w4a4-r1online-fp8head", "brq-w4a16")
+BRQ_CHECKPOINTS = {  # checkpoint -> brq-convert options besides RTN and the block rotation (R1 fused
+    # and the source-dtype head pinned: the rows measured before those defaults keep their checkpoints)
+    "llama3-8b-random-brq-w4a4": dict(activations="mxfp4", r1_mode="fused", lm_head="source"),
+    "llama3-8b-random-brq-w4a16": dict(activations="none", r1_mode="fused", lm_head="source"),
     "llama3-8b-random-brq-w4a4-fp8head": dict(activations="mxfp4", lm_head="fp8", r1_mode="fused"),
-    "llama3-8b-random-brq-w4a4-r1online": dict(activations="mxfp4", r1_mode="online"),
+    "llama3-8b-random-brq-w4a4-r1online": dict(activations="mxfp4", r1_mode="online", lm_head="source"),
+    "llama3-8b-random-brq-w4a4-r1online-fp8head": dict(activations="mxfp4", r1_mode="online", lm_head="fp8"),
 }
-PROFILED = ("bf16", "brq-w4a4")
+PROFILED = ("bf16", "brq-w4a4-r1online-fp8head")
 
 
 def _publish(tmp: Path, out: Path) -> Path:
@@ -161,7 +164,7 @@ def main(argv=None) -> None:
         row = {"mode": mode, "latency_s": lat["avg_latency"], "throughput_tok_s": thr["tokens_per_second"],
                "requests_s": thr.get("requests_per_second"),
                "output_tok_s": thr["tokens_per_second"] * 256 / (1024 + 256),
-               "engine_wall_s": round(lat["wall_s"] + thr["wall_s"], 1)}
+               "engine_wall_s": round(lat["wall_s"] + thr["wall_s"], 1), "latencies_s": lat.get("latencies")}
         row_file.write_text(json.dumps(row))
         print(json.dumps(row), flush=True)
     for mode in filter(None, args.latency_only.split(",")):
@@ -172,7 +175,7 @@ def main(argv=None) -> None:
         lat = vllm_bench("latency", state / "models" / ckpt, extra, state / f"{mode}-latency.json",
                          state / f"{mode}-latency.log", env)
         row_file.write_text(json.dumps({"mode": mode, "latency_s": lat["avg_latency"],
-                                        "engine_wall_s": round(lat["wall_s"], 1)}))
+                                        "engine_wall_s": round(lat["wall_s"], 1), "latencies_s": lat.get("latencies")}))
         print(row_file.read_text(), flush=True)
     for kind, modes in (("profile", args.profile), ("profile-graphs", args.graph_profile)):
         for mode in filter(None, modes.split(",")):

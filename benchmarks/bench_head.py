@@ -1,11 +1,12 @@
 """The FP8 lm_head (`brq-convert --lm-head fp8`) against the bf16 head, Llama-3-8B's 4096 -> 128256.
 
 At batch 1 the bf16 head is the largest single read of a decode step (1.05 GB; vLLM's decode
-profile: 0.37 of 3.25 ms on the H100). The FP8 head reads half of it: per-token act-quant
-(kernels/fp8_head.py) + the FP8 GEMM (`dispatch.fp8_linear`: vLLM's CUTLASS scaled_mm where
-vLLM imports, else torch._scaled_mm). Checks first (codes bit-identical to the reference,
-GEMM against the float64 product of the same operands), then per M the time of the bf16 head
-(cuBLAS), the FP8 head as dispatched, each FP8 GEMM alone and the act-quant alone, as
+profile: 0.37 of 3.25 ms on the H100). The FP8 head reads half of it: the input split into two
+FP8 terms per token (kernels/fp8_head.py) + the FP8 GEMM over both (`dispatch.fp8_linear`:
+vLLM's CUTLASS scaled_mm where vLLM imports, else torch._scaled_mm). Checks first (codes and
+scales bit-identical to the reference, the head against the float64 product of the same
+operands and against the bf16-input product), then per M the time of the bf16 head (cuBLAS),
+the FP8 head as dispatched, each FP8 GEMM alone over the 2M rows and the act-quant alone, as
 32-call CUDA graphs (the 0.5-1 GB weights never fit in L2).
 
     python benchmarks/bench_head.py --out benchmarks/results     # ~30 s on an H100
@@ -32,13 +33,16 @@ MS = (1, 4, 16, 64, 256)
 
 def checks(w8, ws, gen) -> dict:
     x = outlier_x(256, K, gen)
-    q, s = fp8_head.quantize_rows(x)
-    q0, s0 = ref.fp8_rows_reference(x)
+    q, s = fp8_head.quantize_split(x)
+    q0, s0 = ref.fp8_split_reference(x)
     y = dispatch.fp8_linear(x[:16], w8, ws)
-    exact = (q0[:16].double() @ w8.double().t()) * s0[:16].double() * ws.double()[None]
+    q16, s16 = ref.fp8_split_reference(x[:16])
+    y2 = (q16.double() @ w8.double().t()) * s16.double() * ws.double()[None]
+    wd = w8.double() * ws.double()[:, None]
     return {"act_quant_code_differences": int((q.view(torch.uint8) != q0.view(torch.uint8)).sum()),
             "act_quant_scale_differences": int((s != s0).sum()),
-            "gemm_rel_err_vs_float64": rel(y, exact)}
+            "gemm_rel_err_vs_float64": rel(y, y2[:16] + y2[16:]),
+            "rel_err_vs_bf16_input": rel(y, x[:16].double() @ wd.t())}
 
 
 def main(argv=None) -> None:
@@ -54,11 +58,11 @@ def main(argv=None) -> None:
     rows = []
     for M in MS:
         x = outlier_x(M, K, gen)
-        q, s = fp8_head.quantize_rows(x)
+        q, s = fp8_head.quantize_split(x)
         wsr = ws.reshape(1, -1)
         timed = {"bf16_cublas": lambda: torch.nn.functional.linear(x, w),
                  "fp8_head": lambda: dispatch.fp8_linear(x, w8, ws),
-                 "act_quant_alone": lambda: fp8_head.quantize_rows(x),
+                 "act_quant_alone": lambda: fp8_head.quantize_split(x),
                  "fp8_gemm_torch": lambda: torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=wsr, out_dtype=x.dtype)}
         if cutlass is not None:
             timed["fp8_gemm_cutlass"] = lambda: cutlass(q, w8.t(), s, wsr, x.dtype, None)

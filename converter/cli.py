@@ -41,8 +41,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--activations", choices=CHOICES["activations"], default=d.activations,
                    help="mxfp4: W4A4 (default); none: W4A16")
     g.add_argument("--lm-head", choices=CHOICES["lm_head"], default=d.lm_head,
-                   help="source: keep lm_head in the source dtype (default); fp8: FP8 e4m3 weights and "
-                        "per-token FP8 activations (half the bytes of the largest decode read; format version 2)")
+                   help="fp8: e4m3 weights (GPTQ with --quantizer gptq) and the input as two FP8 terms per "
+                        "token, half the bytes of the largest decode read (format version 2); source: keep the "
+                        "source dtype; auto (default): fp8 unless --quantizer none")
     g = p.add_argument_group("calibration (GPTQ)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--calib", default=d.calib, choices=("wikitext2",), help="dataset (needs network; default)")

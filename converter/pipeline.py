@@ -32,7 +32,7 @@ import vllm_brq
 from vllm_brq import format as fmt
 from vllm_brq import mxfp4
 from vllm_brq.hf_reference import Fp8Head, ReferenceLinear
-from vllm_brq.kernels.reference import fp8_head_weights_reference
+from vllm_brq.kernels.reference import fp8_head_weights_reference, fp8_row_scales
 from vllm_brq.rotation import rotate
 
 from . import architectures as arch
@@ -47,7 +47,7 @@ CHOICES = {
     "rotation_block_size": (16, 32, 64),
     "quantizer": ("gptq", "rtn", "none"),
     "activations": ("mxfp4", "none"),
-    "lm_head": ("source", "fp8"),
+    "lm_head": ("auto", "source", "fp8"),
     "r1_mode": ("auto", *fmt.R1_MODES),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
@@ -68,7 +68,7 @@ class Options:
     quantizer: str = "gptq"
     scale_search: bool = False
     activations: str = "mxfp4"
-    lm_head: str = "source"
+    lm_head: str = "auto"  # fp8 unless the quantizer is none
     calib: str = "wikitext2"
     calib_file: str | None = None
     nsamples: int = 128
@@ -87,6 +87,13 @@ class Options:
         """R1 applied online (norm gains kept): --r1-mode online, or auto with --rotation block."""
         r1 = self.rotated[0]
         return r1 and (self.r1_mode == "online" or self.r1_mode == "auto" and self.rotation == "block")
+
+    @property
+    def head_format(self) -> str:
+        """lm_head_format of the checkpoint: --lm-head, where auto is fp8 unless nothing is quantized."""
+        if self.lm_head == "auto":
+            return "source" if self.quantizer == "none" else "fp8"
+        return self.lm_head
 
     @property
     def rotated(self) -> tuple[bool, bool, bool]:
@@ -129,6 +136,7 @@ class Report:
     calibration: dict | None = None
     untied_lm_head: bool = False
     head_weight_error: float | None = None  # relative, of an FP8 lm_head
+    head_output_error: float | None = None  # relative, on the calibration data (GPTQ only)
 
 
 def convert(model: str | os.PathLike, out: str | os.PathLike, *, command: str | None = None, **options) -> Path:
@@ -235,7 +243,7 @@ def quantization_config(opts: Options, report: Report) -> dict:
         quantizer.update(block_size=128, damp=0.01, act_order=True, static_groups=True,
                          scale_search=opts.scale_search, calibration=report.calibration)
     return fmt.build_config(activation_format=opts.activations, rotation=rotation, quantizer=quantizer,
-                            converter=f"vllm-brq {vllm_brq.__version__}", lm_head_format=opts.lm_head)
+                            converter=f"vllm-brq {vllm_brq.__version__}", lm_head_format=opts.head_format)
 
 
 def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None = None,
@@ -249,8 +257,6 @@ def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None 
     rot = fuse.build_rotations(opts.rotation, d, opts.rotation_block_size, opts.seed, *opts.rotated,
                                r1_online=opts.r1_online)
     report = Report(untied_lm_head=fuse.transform_ends(model, rot))
-    if opts.lm_head == "fp8":
-        quantize_head_fp8(model, report)
     layers = model.model.layers[: max_layers or d.layers]
     hidden = kwargs = None
     if opts.quantizer == "gptq":
@@ -276,6 +282,9 @@ def run(model: nn.Module, opts: Options, tokenizer=None, max_layers: int | None 
             quantize_layer_rtn(layer, i, act, report)
         layer.to("cpu")
         report.layer_seconds.append(time.monotonic() - t0)
+    if opts.head_format == "fp8":  # GPTQ needs the last layer's outputs: all layers done
+        gptq = head_hessian(model, hidden) if hidden is not None and len(layers) == d.layers else None
+        quantize_head_fp8(model, report, gptq)
     return report
 
 
@@ -367,15 +376,34 @@ def _rel(num: torch.Tensor, den: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def quantize_head_fp8(model: nn.Module, report: Report) -> None:
-    """lm_head -> e4m3 with a float32 scale per row (format version 2). A tied head is untied:
-    the embedding stays in the source dtype."""
+def head_hessian(model: nn.Module, hidden: torch.Tensor) -> GPTQ:
+    """The lm_head's GPTQ, its Hessian from the final norm of the quantized model's last hidden states."""
+    norm = model.model.norm.to(hidden.device)
+    gptq = GPTQ(hidden.shape[-1], hidden.device, grid="fp8_rows")
+    for x in hidden.split(_chunk_samples(hidden.shape[1])):
+        gptq.add_batch(norm(x))
+    norm.to("cpu")
+    return gptq
+
+
+@torch.no_grad()
+def quantize_head_fp8(model: nn.Module, report: Report, gptq: GPTQ | None = None) -> None:
+    """lm_head -> e4m3 with a float32 scale per row (format version 2), by GPTQ when given its
+    Hessian, else round to nearest. A tied head is untied: the embedding stays in the source dtype."""
     w = model.lm_head.weight.detach().float()
-    q, s = fp8_head_weights_reference(w)
+    if gptq is None:
+        q, s = fp8_head_weights_reference(w)
+    else:  # GPTQ keeps the row scales fixed, so the values it returns are codes * s exactly
+        s = fp8_row_scales(w)
+        q = (gptq.quantize(w).cpu() / s).to(torch.float8_e4m3fn)
+        s = s.reshape(-1)
+        err, ref = gptq.output_sq_error(w, q.float() * s[:, None])
+        report.head_output_error = _rel(err, ref)
     report.head_weight_error = _rel((w - q.float() * s[:, None]) ** 2, w ** 2)
     model.lm_head = Fp8Head(q, s)
     model.config.tie_word_embeddings = False
-    log.info("lm_head -> FP8 e4m3 (relative weight error %.4f)", report.head_weight_error)
+    log.info("lm_head -> FP8 e4m3 by %s (relative weight error %.4f%s)", "GPTQ" if gptq else "RTN",
+             report.head_weight_error, "" if gptq is None else f", output error {report.head_output_error:.4f}")
 
 
 @torch.no_grad()

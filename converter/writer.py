@@ -65,6 +65,13 @@ def _norm_line(rot: dict) -> str:
             "`input_rotation`; a randomized Hadamard R4 = diag(s) H keeps H online, s folded into up_proj).")
 
 
+def _head_line(report) -> str:
+    by = "GPTQ on the calibration data" if report.head_output_error is not None else "round to nearest"
+    out = "" if report.head_output_error is None else f", output error {report.head_output_error:.4f}"
+    return ("lm_head: FP8 e4m3 with a scale per row, quantized by " + by + ", its input quantized to FP8 "
+            f"per token at run time (relative weight error {report.head_weight_error:.4f}{out}).")
+
+
 def model_card(source: str, qcfg: dict, command: str, report) -> str:
     """Model card: what was done, with which settings and data, and how to reproduce it."""
     from .pipeline import summary_lines
@@ -86,9 +93,7 @@ def model_card(source: str, qcfg: dict, command: str, report) -> str:
            f"static groups, scale search {'on' if q['scale_search'] else 'off'})" if q["method"] == "gptq" else "")
         + ".",
         f"- Activations: {act}. Embeddings and norms stay in the source dtype (rotated); "
-        + ("lm_head: FP8 e4m3 with a scale per row, its input quantized to FP8 per token at run time "
-           f"(relative weight error {report.head_weight_error:.4f})." if qcfg.get("lm_head_format") == "fp8"
-           else "so does lm_head."),
+        + (_head_line(report) if qcfg.get("lm_head_format") == "fp8" else "so does lm_head."),
         f"- Architectures supported by the converter: {', '.join(SUPPORTED.values())}.",
     ]
     if report.untied_lm_head:

@@ -29,8 +29,9 @@ brq_linear then routes (measurements and history: benchmarks/NOTES-kernels.md):
 - Rotations the kernels cannot fuse (block size != 32, dense): applied in torch first, with
   a one-time warning. Activation quantization is never dropped.
 
-fp8_linear is the FP8 lm_head (format version 2): per-token FP8 act-quant (kernels/fp8_head.py)
-then the same FP8 GEMM as the W4A4 prefill, on sm90+; elsewhere the torch reference.
+fp8_linear is the FP8 lm_head (format version 2): its input split into two FP8 terms per token
+(kernels/fp8_head.py), then the same FP8 GEMM as the W4A4 prefill over both, on sm90+; elsewhere
+the torch reference.
 """
 
 from __future__ import annotations
@@ -301,8 +302,9 @@ def _use_marlin(M: int, marlin_weight, dtype) -> bool:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = (Q8(x) s_x)(W8 s_w)^T + b (kernels/reference.py fp8_linear_reference): e4m3 weight [N, K],
-    float32 row scales [N]; FP8 tensor cores on sm90+, else the reference (slow, one warning)."""
+    """y = (q_hi s_hi + q_lo s_lo)(W8 s_w)^T + b (kernels/reference.py fp8_linear_reference): e4m3
+    weight [N, K], float32 row scales [N]; FP8 tensor cores on sm90+ (one GEMM over the 2M rows,
+    the halves added), else the reference (slow, one warning)."""
     backend = _triton_backend(x.device.index or 0) if x.is_cuda else None
     if backend not in ("sm90", "sm100") or x.dtype not in (torch.bfloat16, torch.float16):
         if x.is_cuda:
@@ -311,8 +313,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     from vllm_brq.kernels import fp8_head
 
     x2 = x.reshape(-1, x.shape[-1])
-    q, s = fp8_head.quantize_rows(x2)
-    y = scaled_mm_fp8(q, s, weight, weight_scale.reshape(1, -1), bias, x.dtype)
+    q, s = fp8_head.quantize_split(x2)
+    y2 = scaled_mm_fp8(q, s, weight, weight_scale.reshape(1, -1), None, x.dtype)
+    y = y2[: x2.shape[0]] + y2[x2.shape[0]:]
+    if bias is not None:
+        y = y + bias
     return y.reshape(*x.shape[:-1], -1)
 
 

@@ -127,14 +127,18 @@ E4M3_MAX = 448.0
 FP8_MIN_SCALE = 1.0 / (E4M3_MAX * 512)  # an all-zero row keeps a finite scale
 
 
-def fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8: (e4m3 [M, K], float32 scales [M, 1]) with x ~ q * s, s = max|x_row| / 448."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+def fp8_row_scales(x: torch.Tensor) -> torch.Tensor:
+    """float32 [M, 1]: max|x_row| / 448, so a row's largest value maps to e4m3's largest."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
     # a tensor divisor: torch on CUDA turns division by a Python scalar into a product with its
     # rounded reciprocal, which is not the IEEE quotient the kernel computes
-    s = (amax / torch.full_like(amax, E4M3_MAX)).clamp_min(FP8_MIN_SCALE)
-    q = (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return (amax / torch.full_like(amax, E4M3_MAX)).clamp_min(FP8_MIN_SCALE)
+
+
+def fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8: (e4m3 [M, K], float32 scales [M, 1]) with x ~ q * s, s = max|x_row| / 448."""
+    s = fp8_row_scales(x)
+    q = (x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, s
 
 
@@ -144,12 +148,39 @@ def fp8_head_weights_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torc
     return q, s.reshape(-1)
 
 
+FP8_SPLIT_MIN_EXP = -120  # the smallest power-of-two scale (2^-120) of the FP8 head's input terms
+
+
+def fp8_pow2_scales(x: torch.Tensor) -> torch.Tensor:
+    """float32 [M, 1]: 2^(floor(log2 max|x_row|) - 7), at least 2^-120, built from the bits (a row's
+    largest value maps into [128, 256)). A power of two makes q * s and x - q * s exact."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    e = ((amax.view(torch.int32) >> 23) - 134).clamp_min(FP8_SPLIT_MIN_EXP)
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def fp8_split_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as two FP8 terms per row, x ~ q_hi s_hi + q_lo s_lo: (e4m3 [2M, K] with the hi rows
+    first, float32 power-of-two scales [2M, 1]). q_lo quantizes the exact residual x - q_hi s_hi,
+    so the error is FP8's squared (~2^-8 relative) at the cost of a GEMM with twice the rows."""
+    xf = x.float()
+    s_hi = fp8_pow2_scales(xf)
+    hi = (xf * (1 / s_hi)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    r = xf - hi.float() * s_hi
+    s_lo = fp8_pow2_scales(r)
+    lo = (r * (1 / s_lo)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return torch.cat([hi, lo]), torch.cat([s_hi, s_lo])
+
+
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = (Q8(x) s_x)(W8 s_w)^T + b: x quantized per token, W e4m3 with per-row float32 scales
-    [N]; the e4m3 products are exact in float32, the sums run in float32 as on the GPU."""
-    q, s = fp8_rows_reference(x.reshape(-1, x.shape[-1]))
-    y = (q.float() @ weight.float().t()) * s * weight_scale.float().reshape(1, -1)
+    """The FP8 lm_head: y = (q_hi s_hi + q_lo s_lo)(W8 s_w)^T + b, x split per token into two FP8
+    terms (fp8_split_reference), W e4m3 with per-row float32 scales [N]; the e4m3 products are
+    exact in float32, the sums run in float32 as on the GPU."""
+    x2 = x.reshape(-1, x.shape[-1])
+    q, s = fp8_split_reference(x2)
+    y2 = (q.float() @ weight.float().t()) * s * weight_scale.float().reshape(1, -1)
+    y = y2[: x2.shape[0]] + y2[x2.shape[0]:]
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -36,7 +36,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_gptq_checkpoint_follows_format_v1(tmp_path, qwen2, austen_dir):
+def test_gptq_checkpoint_follows_the_format(tmp_path, qwen2, austen_dir):
     out = convert(qwen2, tmp_path / "out", calib_file=str(austen_dir / "persuasion.txt"), scale_search=True, **CALIB)
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"} <= set(_files(out))
@@ -64,11 +64,14 @@ def test_gptq_checkpoint_follows_format_v1(tmp_path, qwen2, austen_dir):
     src_norms = load_file(next(qwen2.glob("*.safetensors")))
     for key in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert torch.equal(tensors[key].abs(), src_norms[key].abs()), key
-    assert "lm_head.weight" in tensors
+    # the default FP8 head (format version 2), quantized by GPTQ on the final norm's outputs
+    assert cfg["quantization_config"]["format_version"] == 2 and q.lm_head_format == "fp8"
+    assert tensors["lm_head.weight"].dtype == torch.float8_e4m3fn and tensors["lm_head.weight_scale"].dtype == torch.float32
     assert (out.stat().st_mode & 0o077) == (0o777 & ~_umask() & 0o077)  # not mkdtemp's private mode
     assert ((out / "model.safetensors").stat().st_mode & 0o044) == (0o666 & ~_umask() & 0o044)
     card = (out / "README.md").read_text()
     assert "brq-convert" in card and "persuasion.txt" in card and "--scale-search" in card
+    assert "lm_head: FP8 e4m3 with a scale per row, quantized by GPTQ on the calibration data" in card
 
 
 def test_same_inputs_give_byte_identical_checkpoints(tmp_path, qwen2, austen_dir):

@@ -1,4 +1,4 @@
-"""GPTQ onto MXFP4: the algorithm on synthetic data, then GPTQ vs RTN on real SmolLM2 layers."""
+"""GPTQ onto MXFP4 (and FP8 rows): the algorithm on synthetic data, then GPTQ vs RTN on real SmolLM2 layers."""
 
 from __future__ import annotations
 
@@ -36,6 +36,25 @@ def test_gptq_lowers_output_error_and_stays_on_static_groups():
     assert torch.equal(mxfp4.round_to_e2m1(q / scale) * scale, q)
     # and the packed form reproduces it exactly
     assert torch.equal(mxfp4.dequantize(*mxfp4.quantize(q)), q)
+
+
+def test_gptq_onto_fp8_rows_lowers_output_error_on_fixed_row_scales():
+    """The FP8 lm_head's grid: e4m3 values times each row's max / 448, fixed before GPTQ."""
+    from vllm_brq.kernels.reference import fp8_head_weights_reference, fp8_row_scales
+
+    x = _correlated(1024, 128, seed=2)
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
+    w[0, 7] = 40.0  # an outlier row: its scale is set by it
+    g = _gptq(x, grid="fp8_rows")
+    q = g.quantize(w)
+    codes, s = fp8_head_weights_reference(w)
+    err_q, _ = g.output_sq_error(w, q)
+    err_rtn, _ = g.output_sq_error(w, codes.float() * s[:, None])
+    assert err_q.sum() < 0.8 * err_rtn.sum()
+    scale = fp8_row_scales(w)
+    assert torch.equal((q / scale).to(torch.float8_e4m3fn).float() * scale, q)  # on the grid, exactly
+    with pytest.raises(ValueError, match="unknown GPTQ grid"):
+        GPTQ(8, grid="int4")
 
 
 def test_hessian_is_the_mean_outer_product():

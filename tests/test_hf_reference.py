@@ -60,20 +60,23 @@ def test_quantizer_none_with_mxfp4_activations_quantizes_every_decoder_linear(tm
 
 
 def test_fp8_head_is_loaded_as_served_and_must_be_untied(tmp_path, llama):
-    """--lm-head fp8 on a tied model: the head is untied and stored FP8; the loaded reference equals
-    the converted model in memory; a config that ties it again is refused with the reason."""
+    """The FP8 head (--lm-head auto, the default) on a tied model: the head is untied and stored FP8;
+    the loaded reference equals the converted model in memory; a config that ties it again is
+    refused with the reason."""
     import json
 
     from vllm_brq import format as fmt
 
-    out = convert(llama, tmp_path / "out", quantizer="rtn", device="cpu", lm_head="fp8")
+    out = convert(llama, tmp_path / "out", quantizer="rtn", device="cpu")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["lm_head_format"] == "fp8"
     loaded = hf_reference.load(out)
     assert isinstance(loaded.lm_head, hf_reference.Fp8Head) and loaded.lm_head.weight.dtype == torch.float8_e4m3fn
     memory = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
     run(memory, Options(quantizer="rtn", device="cpu", lm_head="fp8"))
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, memory(IDS).logits)
-        source = hf_reference.load(convert(llama, tmp_path / "bf16head", quantizer="rtn", device="cpu"))(IDS).logits
+        source = hf_reference.load(convert(llama, tmp_path / "bf16head", quantizer="rtn", device="cpu",
+                                           lm_head="source"))(IDS).logits
     err = float((loaded(IDS).logits - source).norm() / source.norm())
     assert 0 < err < 0.05  # the FP8 head moves the logits a little, not more
     config = json.loads((out / "config.json").read_text())

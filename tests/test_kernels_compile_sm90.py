@@ -99,17 +99,17 @@ ACT_CASES.update({  # R1 online: the row kernel's FWHT (plain or signed Hadamard
 })
 
 
-ACT_CASES["fp8_head_rows"] = (fp8_head._fp8_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
-                              [dict(MAX=448.0, MIN_SCALE=fp8_head.FP8_MIN_SCALE, CHUNK=fp8_head.CHUNK)])
+FP8_SPLIT = (fp8_head._fp8_split_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+             dict(MAX=448.0, MIN_EXP=fp8_head.FP8_SPLIT_MIN_EXP, CHUNK=fp8_head.CHUNK))
+ACT_CASES["fp8_head_split"] = (*FP8_SPLIT[:2], [FP8_SPLIT[2]])
 
 
 def test_fp8_head_rounding_survives_the_compiler():
     """The e4m3 rounding below 2^-6 adds and removes 1.5 * 2^14: the compiler must keep both (a
-    fast-math fold would leave the value unrounded), and the divisions stay IEEE (div.rn)."""
-    ptx = _compile(fp8_head._fp8_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
-                   dict(MAX=448.0, MIN_SCALE=fp8_head.FP8_MIN_SCALE, CHUNK=fp8_head.CHUNK)).asm["ptx"]
+    fast-math fold would leave the value unrounded); no division is left (powers of two multiply)."""
+    ptx = _compile(*FP8_SPLIT).asm["ptx"]
     assert "0f46C00000" in ptx  # 24576.0
-    assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+    assert "div." not in ptx
 
 
 @pytest.mark.parametrize("name", sorted(GEMM_CASES) + sorted(ACT_CASES))

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 CHECKS = ("act_quant", "act_quant_fp8_row", "norm_quant", "silu_quant", "gemm_fp8", "gemm_w4a16", "gemv", "gemv_a4", "dequant",
-          "fp8_head_rows")
+          "fp8_head_split")
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -150,20 +150,25 @@ def _run(name, seed):
         return
     wp, ws = mxfp4.quantize(w)
     r = rots[1]
-    if name == "fp8_head_rows":  # the FP8 lm_head's per-token act-quant: bit-identical to the reference
+    if name == "fp8_head_split":  # the FP8 lm_head's two-term act-quant: bit-identical to the reference
         from vllm_brq.kernels import fp8_head
 
         g = torch.Generator().manual_seed(seed)
-        xs = [x.float(), torch.randn(3, 2500, generator=g) * 50]  # K = 2500: three chunks, the last partial
+        outliers = torch.randn(3, 2500, generator=g) * torch.rand(3, 2500, generator=g) ** 8 * 500
+        xs = [x.float(), outliers]  # K = 2500: three chunks, the last partial
         grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
         grid = grid[torch.isfinite(grid) & (grid.abs() < 448)].sort().values
-        ties = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, torch.tensor([448.0])])  # every code and midpoint
-        xs.append(ties[None])  # the row's max is 448, so its scale is 1: the values are the codes themselves
-        xs.append(torch.zeros(2, 64))  # an all-zero row keeps a finite scale
+        ties = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, -grid])  # every code, midpoint and -0
+        xs.append(ties[None] / 2)  # max 224: scale 1, so the hi values are the codes themselves
+        xs.append(torch.tensor([[255.9, 256.0, 1e-30, 0.0], [3e38, 1.0, -2.0, 0.0]]))  # scale edges
+        xs.append(torch.zeros(2, 64))  # an all-zero row keeps a finite scale (2^-120)
         for xx in xs:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                q, sc = fp8_head.quantize_rows(xx.to(dtype))
-                q0, s0 = ref.fp8_rows_reference(xx.to(dtype))
+                xd = xx.to(dtype)
+                if not torch.isfinite(xd).all():
+                    continue
+                q, sc = fp8_head.quantize_split(xd)
+                q0, s0 = ref.fp8_split_reference(xd)
                 assert torch.equal(sc, s0), dtype
                 assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (dtype, xx.shape)
         return

@@ -14,10 +14,11 @@ config.json gains::
       "quantizer": {"method": "gptq" | "rtn" | "none", ...settings, "calibration": {...}},
       "ignore": ["lm_head"], "converter": "vllm-brq <version>"}
 
-Version 2 adds ``"lm_head_format": "fp8"`` (with ``"ignore": []``): an FP8 lm_head, y = (Q8(x) s_x)
-(W8 s_w)^T with W8 float8_e4m3fn per-row scaled and x quantized per token at run time (FP8
-dynamic, as vLLM's ``--quantization fp8`` linears). Absent, or ``"source"``: lm_head stays in the
-source dtype, which version 1 requires. A writer uses version 1 unless the lm_head is FP8, so
+Version 2 adds ``"lm_head_format": "fp8"`` (with ``"ignore": []``): an FP8 lm_head,
+y = (q_hi s_hi + q_lo s_lo)(W8 s_w)^T with W8 float8_e4m3fn per-row scaled and x split at run time
+into two FP8 terms per token with power-of-two scales (kernels/reference.py ``fp8_split_reference``;
+what brq-convert writes by default). Absent, or ``"source"``: lm_head stays in the source dtype,
+which version 1 requires. A writer uses version 1 unless the lm_head is FP8, so
 older readers keep loading every checkpoint they can serve.
 
 Per quantized linear P:

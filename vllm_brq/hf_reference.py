@@ -55,7 +55,7 @@ class ReferenceLinear(nn.Module):
 
 class Fp8Head(nn.Module):
     """The FP8 lm_head as served: e4m3 ``weight`` [V, d], float32 ``weight_scale`` [V], the
-    activation quantized to FP8 per token (kernels/reference.py ``fp8_linear_reference``)."""
+    input split into two FP8 terms per token (kernels/reference.py ``fp8_linear_reference``)."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
         super().__init__()

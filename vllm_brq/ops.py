@@ -22,7 +22,7 @@ Ops:
 - ``brq::rotated_linear(x, weight, input_rotation?, bias?, quantize_activations)``:
   the same with a dense weight, for ``--quantizer none`` checkpoints (rotated weights in
   the source dtype).
-- ``brq::fp8_linear(x, weight, weight_scale, bias?)``: the FP8 lm_head, y = (Q8(x) s_x)(W8 s_w)^T + b
+- ``brq::fp8_linear(x, weight, weight_scale, bias?)``: the FP8 lm_head, y = (q_hi s_hi + q_lo s_lo)(W8 s_w)^T + b
   (calls ``kernels.dispatch.fp8_linear``).
 
 Importing this module registers the ops once per process (the Library object lives at

@@ -389,7 +389,7 @@ class BRQDenseLinearMethod(_BRQMethodBase):
 
 
 class BRQFp8HeadMethod(QuantizeMethodBase):
-    """The FP8 lm_head: y = (Q8(x) s_x)(W8 s_w)^T through ``brq::fp8_linear``. Its tensors go
+    """The FP8 lm_head: y = (q_hi s_hi + q_lo s_lo)(W8 s_w)^T through ``brq::fp8_linear``. Its tensors go
     through the ParallelLMHead's own loader (vocabulary shards and padding rows, which get
     weight and scale 0), after a check of dtype and unsharded shape that names the tensor."""
 
