@@ -1,13 +1,14 @@
-"""What an FP8 (or a 4-bit) lm_head costs in perplexity, on SmolLM2-135M, on the CPU.
+"""What the FP8 lm_head costs in perplexity, on SmolLM2-135M, on the CPU, and what each part buys.
 
-Two measurements, both on windows of Persuasion (the repo's test text, .assets/austen):
-- "converted": brq-convert (RTN, W4A4, block rotation) with `--lm-head source` and with
-  `--lm-head fp8`, evaluated through vllm_brq.hf_reference (the served spec in transformers).
-- "head alone": the unquantized model with only its lm_head changed, in the R1-rotated basis
-  (x R1, W R1): FP8 weights (per-row scale), FP8 weights + per-token FP8 input, and, for
-  comparison, MXFP4 weights (W4A16) and MXFP4 weights + input (W4A4), all round to nearest.
+The unquantized model with only its lm_head changed (the head's input is the final norm's output,
+unrotated, as brq-convert's default R1 online leaves it), windows of Persuasion (the repo's test
+text, .assets/austen): e4m3 weights with a scale per row by round to nearest or by GPTQ (the
+converter's `GPTQ(grid="fp8_rows")`, its Hessian from the final norm's outputs on 32 x 512 tokens
+of the other novels), times the input as one FP8 term per token (`fp8_rows_reference`) or two
+(`fp8_split_reference`, what the served head does); and, for comparison, MXFP4 weights (W4A16)
+and MXFP4 weights + input (W4A4), round to nearest.
 
-    python benchmarks/head_accuracy.py --out benchmarks/results     # ~8 min on 2 CPU cores
+    python benchmarks/head_accuracy.py --out benchmarks/results     # ~6 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,55 +32,11 @@ def perplexity(model, ids: torch.Tensor, windows: int, seqlen: int) -> float:
     return math.exp(nll / (windows * (seqlen - 1)))
 
 
-def head_alone(src: Path, ids: torch.Tensor, windows: int, seqlen: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from vllm_brq import mxfp4
-    from vllm_brq.kernels.reference import fp8_rows_reference
-    from vllm_brq.rotation import block_rotation, rotate, rotate_weight_input
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    w = model.lm_head.weight.detach().clone()
-    model.lm_head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    r1 = block_rotation(w.shape[1], 32, 0, "r1")
-    wr = rotate_weight_input(w.double(), r1).float()
-
-    def fp8(t):
-        q, s = fp8_rows_reference(t)
-        return q.float() * s
-
-    w8, w4 = fp8(wr), mxfp4.fake_quantize(wr)
-    weights = {"source": wr, "fp8 weights": w8, "fp8 weights + fp8 input": w8,
-               "mxfp4 weights (W4A16)": w4, "mxfp4 weights + input (W4A4)": w4}
-    inputs = {"fp8 weights + fp8 input": fp8, "mxfp4 weights + input (W4A4)": mxfp4.fake_quantize}
-    out = {}
-    for name, wq in weights.items():
-        model.lm_head.weight.data = wq
-        q = inputs.get(name, lambda t: t)
-        hook = model.lm_head.register_forward_pre_hook(lambda _m, a, q=q: (q(rotate(a[0].double(), r1).float()),))
-        out[name] = perplexity(model, ids, windows, seqlen)
-        hook.remove()
-        print(f"head alone, {name}: {out[name]:.2f}", flush=True)
-    return out
-
-
-def converted(src: Path, ids: torch.Tensor, windows: int, seqlen: int) -> dict:
-    from vllm_brq import hf_reference
-    from vllm_brq.converter import convert
-
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for head in ("source", "fp8"):
-            ckpt = convert(src, Path(tmp) / head, dtype="float32", quantizer="rtn", activations="mxfp4", lm_head=head)
-            out[head] = perplexity(hf_reference.load(ckpt), ids, windows, seqlen)
-            print(f"converted RTN W4A4, --lm-head {head}: {out[head]:.2f}", flush=True)
-    return out
-
-
 def main(argv=None) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_brq import assets
+    from vllm_brq import assets, mxfp4
+    from vllm_brq.kernels.reference import fp8_rows_reference, fp8_split_reference
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--windows", type=int, default=6)
@@ -88,17 +44,61 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     src = assets.smollm2(ROOT / ".assets" / "smollm2")
-    text = (assets.austen(ROOT / ".assets" / "austen") / "persuasion.txt").read_text()
-    ids = AutoTokenizer.from_pretrained(src)(text, return_tensors="pt").input_ids[0]
+    books = assets.austen(ROOT / ".assets" / "austen")
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = tok((books / "persuasion.txt").read_text(), return_tensors="pt").input_ids[0]
+    cal = tok((books / "calibration.txt").read_text(), return_tensors="pt").input_ids[0][: 32 * 512].view(32, 512)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    w = model.lm_head.weight.detach().clone()
+    model.lm_head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    model.lm_head.weight.data = w
+
+    # the head's Hessian: the final norm's outputs, captured at the head
+    from vllm_brq.converter.gptq import GPTQ
+
+    gptq = GPTQ(w.shape[1], grid="fp8_rows")
+    hook = model.lm_head.register_forward_pre_hook(lambda _m, a: gptq.add_batch(a[0]))
+    with torch.no_grad():
+        for window in cal:
+            model(window[None])
+    hook.remove()
+
+    def fp8(t):
+        q, s = fp8_rows_reference(t)
+        return q.float() * s
+
+    def fp8_split(t):
+        q, s = fp8_split_reference(t.reshape(-1, t.shape[-1]))
+        n = q.shape[0] // 2
+        return (q[:n].float() * s[:n] + q[n:].float() * s[n:]).view_as(t)
+
+    w_rtn, w_gptq, w4 = fp8(w), gptq.quantize(w), mxfp4.fake_quantize(w)
+    variants = {  # name -> (weight, input quantizer)
+        "source": (w, None),
+        "fp8 weights rtn, one fp8 input term": (w_rtn, fp8),
+        "fp8 weights rtn, two fp8 input terms": (w_rtn, fp8_split),
+        "fp8 weights gptq, one fp8 input term": (w_gptq, fp8),
+        "fp8 weights gptq, two fp8 input terms (the default)": (w_gptq, fp8_split),
+        "fp8 weights gptq, bf16 input": (w_gptq, None),
+        "mxfp4 weights (W4A16)": (w4, None),
+        "mxfp4 weights + input (W4A4)": (w4, mxfp4.fake_quantize),
+    }
+    out = {}
+    for name, (wq, q) in variants.items():
+        model.lm_head.weight.data = wq
+        hook = model.lm_head.register_forward_pre_hook(lambda _m, a, q=q: (q(a[0]),)) if q else None
+        out[name] = perplexity(model, ids, args.windows, args.seqlen)
+        if hook:
+            hook.remove()
+        print(f"head alone, {name}: {out[name]:.2f}", flush=True)
     result = {"model": "SmolLM2-135M-Instruct (PyPI GGUF, dequantized)", "text": "Persuasion",
               "windows": args.windows, "seqlen": args.seqlen, "dtype": "float32",
-              "converted": converted(src, ids, args.windows, args.seqlen),
-              "head_alone": head_alone(src, ids, args.windows, args.seqlen),
+              "gptq_calibration": "32 x 512 tokens of the other five novels", "head_alone": out,
               "command": "python benchmarks/head_accuracy.py"}
-    out = Path(args.out) / "head-accuracy-smollm2.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(out)
+    dest = Path(args.out) / "head-accuracy-smollm2.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=1) + "\n")
+    print(dest)
 
 
 if __name__ == "__main__":
