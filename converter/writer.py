@@ -68,8 +68,8 @@ def _norm_line(rot: dict) -> str:
 def _head_line(report) -> str:
     by = "GPTQ on the calibration data" if report.head_output_error is not None else "round to nearest"
     out = "" if report.head_output_error is None else f", output error {report.head_output_error:.4f}"
-    return ("lm_head: FP8 e4m3 with a scale per row, quantized by " + by + ", its input quantized to FP8 "
-            f"per token at run time (relative weight error {report.head_weight_error:.4f}{out}).")
+    return ("lm_head: FP8 e4m3 with a scale per row, quantized by " + by + ", its input split into two FP8 "
+            f"terms per token at run time (relative weight error {report.head_weight_error:.4f}{out}).")
 
 
 def model_card(source: str, qcfg: dict, command: str, report) -> str:
