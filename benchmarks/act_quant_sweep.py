@@ -1,6 +1,6 @@
 """Launch shapes of the one-pass FP8 act-quant at K = 14336, with and without its fused R4 (GPU).
 
-    python benchmarks/act_quant_sweep.py [--out DIR]
+    python benchmarks/act_quant_sweep.py [--out DIR] [--k 14336 | --k 4096]
 
 Issue 4's rotation target (the fused rotation adds at most 10 % to the activation
 quantization) stood at +14 % for down_proj's K = 14336 with the in-register FWHT (kernels-h100.json,
@@ -47,11 +47,48 @@ def _reference(inp, rot, silu):
     return f.to(torch.float8_e4m3fn), e
 
 
+K4096_LAUNCHES = [("row", bm, w) for bm in (1, 2, 4) for w in (2, 4, 8)] + [("units", 1, w) for w in (2, 4, 8)]
+
+
+def sweep_k4096(out_dir, gen) -> None:
+    """o_proj's act-quant (K = 4096, no rotation): the row kernel's launch shapes (rows per program
+    x warps) and the 16-byte unit layout of the tensor-core Hadamard kernel without the Hadamard
+    (fp8_impl "units", one row per program), each checked against the default's bytes; with the
+    time of a bare cast moving the same bytes (bf16 in, e4m3 out: any separate pass's floor)."""
+    K = 4096
+    rows, same, floor = [], {}, {}
+    for M in (8192, 4096, 1024):
+        x = outlier_x(M, K, gen)
+        want = aq.quantize_activation(x, None, aq.MODE_FP8, with_scale=True)
+        floor[M] = round(graph_time([lambda x=x: x.to(torch.float8_e4m3fn)]) * 1e3, 2)
+        for impl, bm, warps in K4096_LAUNCHES:
+            def run(impl=impl, bm=bm, warps=warps, x=x):
+                return aq.quantize_activation(x, None, aq.MODE_FP8, with_scale=True, fp8_impl=impl,
+                                              block_m=bm if impl == "row" else None, num_warps=warps)
+            same[f"M={M} {impl} BM={bm} warps={warps}"] = all(
+                torch.equal(_bytes(a), _bytes(b)) for a, b in zip(run(), want))
+            us = graph_time([run]) * 1e3
+            rows.append(dict(M=M, K=K, impl=impl, BM=bm, warps=warps, us=round(us, 2),
+                             vs_cast=round(floor[M] / us, 3)))
+            print(rows[-1], flush=True)
+    default = {r["M"]: r for r in rows if (r["impl"], r["BM"], r["warps"]) == ("row", 2, 4)}
+    best = {M: min((r for r in rows if r["M"] == M), key=lambda r: r["us"]) for M in default}
+    print({M: (default[M]["us"], best[M]) for M in default})
+    write_results(out_dir, "act-quant-sweep-k4096", {
+        "rows": rows, "cast_us": floor, "default_row_2x4": default, "best": best,
+        "identical_to_default": same})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--k", type=int, default=14336, choices=(14336, 4096),
+                    help="14336: down_proj's input with and without R4 (default); 4096: o_proj's, unrotated")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    if args.k == 4096:
+        sweep_k4096(args.out, gen)
+        return
     K = 14336
     r4 = aq.Rotation.prepare(hadamard(32).float().cuda())
     rows, same, vs_reference = [], {}, {}

@@ -2,6 +2,8 @@
 
     python benchmarks/report.py kernels benchmarks/results/kernels-h100.json
     python benchmarks/report.py bounds benchmarks/results/kernels-h100.json
+    python benchmarks/report.py prefill-targets benchmarks/results/kernels-h100.json
+    python benchmarks/report.py decode-targets benchmarks/results/stream-floor-probe-h100.json
 """
 
 from __future__ import annotations
@@ -69,12 +71,75 @@ def prefill_bounds_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def prefill_targets_table(path: Path) -> str:
+    """Issue 4's prefill target (W4A4 >= 1.5x bf16 at M >= 1024) per shape and M, and where it is
+    missed, what it would take: the time 1.5x leaves for the act-quant pass next to the FP8 GEMM
+    brq runs (timed alone), against that pass's floor, its bytes (2 read + 1 written per element)
+    at the run's copy bandwidth. A floor above the budget rules out any separate act-quant pass."""
+    d = json.loads(path.read_text())
+    aq = {(r["op"], r["K"]): r["ms"] for r in d["rows"] if r["op"].startswith("act_quant_fp8_rot_") and r["M"] == 8192}
+    lines = ["| shape | M | brq W4A4 | FP8 GEMM alone | act-quant budget for 1.5x (us) | its floor at copy bandwidth (us) "
+             "| act-quant measured (us) | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for op in SHAPES:
+        for m in (1024, 4096, 8192):
+            t = {r["backend"]: r for r in d["rows"] if r["op"] == op and r["M"] == m}
+            gemm = "vllm_cutlass_fp8" if "vllm_cutlass_fp8" in t else "scaled_mm_fp8_rowwise"
+            if not {"cublas_bf16", gemm, "brq_w4a4"} <= set(t):
+                continue
+            k = t["brq_w4a4"]["K"]
+            rot = "r32plain" if op == "down" and ("act_quant_fp8_rot_r32plain", k) in aq else "none"
+            act = aq[(f"act_quant_fp8_rot_{rot}", k)] * m / 8192 * 1e3
+            bf, f8, got = t["cublas_bf16"]["ms"], t[gemm]["ms"], t["brq_w4a4"]["ratio_vs_bf16"]
+            budget = (bf / 1.5 - f8) * 1e3
+            floor = m * k * 3 / (d["copy_GBps"] * 1e3)
+            if got >= 1.5:
+                verdict = "met"
+            elif budget <= 0:
+                verdict = "out of reach: the FP8 GEMM alone is below 1.5x"
+            elif floor > budget:
+                verdict = "out of reach for a separate act-quant pass (floor > budget)"
+            else:
+                verdict = f"needs the act-quant at {floor / budget:.0%} of copy bandwidth (now {floor / act:.0%})"
+            lines.append(f"| {op} | {m} | {got:.2f}x | {bf / f8:.2f}x | {budget:.1f} | {floor:.1f} | {act:.1f} "
+                         f"| {verdict} |")
+    return "\n".join(lines)
+
+
+def decode_targets_table(path: Path) -> str:
+    """Issue 4's M = 1 target (3x bf16) per shape from benchmarks/stream_floor_probe.py: the linear
+    as dispatched, the GEMV alone, the best pure read of the packed bytes, and the time 3x leaves
+    above that read for everything else (quantizing the activation, the math, launches), next to
+    the cost of one empty launch in the same graph."""
+    d = json.loads(path.read_text())
+    empty = d["empty kernel, 1024 programs"]
+    lines = ["| shape | bf16 (us) | as dispatched (act-quant + GEMV) | GEMV alone | gemv_a4's loads alone | best read "
+             "| 3x target (us) | 3x minus best read (us) | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for op in SHAPES:
+        r = d["per_shape_us"][op]
+        bf, read = r["cublas bf16"], r["flat read, best"]["us"]
+        pair = r["act-quant + gemv_a4 (brq_linear, as dispatched)"]
+        left = bf / 3 - read
+        if bf / pair >= 3:
+            verdict = "met"
+        elif left < empty:
+            verdict = (f"out of reach for two launches ({left:.2f} us left < {empty:.2f} us per empty launch); one "
+                       f"kernel would need {read / (bf / 3):.0%} of the best read's speed")
+        else:
+            verdict = f"needs {read / (bf / 3):.0%} of the best read's speed"
+        lines.append(f"| {op} | {bf:.1f} | {bf / pair:.2f}x | {bf / r['gemv_a4']:.2f}x "
+                     f"| {bf / r['rows read BN=4 NBK=32 warps=4']:.2f}x | {bf / read:.2f}x | {bf / 3:.2f} | {left:.2f} "
+                     f"| {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=["kernels", "bounds"])
-    p.add_argument("path", type=Path)
+    p.add_argument("kind", choices=["kernels", "bounds", "prefill-targets", "decode-targets"])
+    p.add_argument("path", type=Path, help="kernels-<gpu>.json (decode-targets: stream-floor-probe-<gpu>.json)")
     args = p.parse_args(argv)
-    print(kernels_table(args.path) if args.kind == "kernels" else prefill_bounds_table(args.path))
+    table = {"kernels": kernels_table, "bounds": prefill_bounds_table, "prefill-targets": prefill_targets_table,
+             "decode-targets": decode_targets_table}[args.kind]
+    print(table(args.path))
 
 
 if __name__ == "__main__":
