@@ -298,32 +298,26 @@ def _hadamard32_mma(x, NU: tl.constexpr, MMA: tl.constexpr):
 
 @triton.jit
 def _act_quant_fp8_mma_kernel(x_ptr, r_ptr, q_ptr, e_ptr, sc_ptr, K, stride_xm, stride_qm, NU: tl.constexpr,
-                              ROUND: tl.constexpr, MMA: tl.constexpr, SILU: tl.constexpr = False,
-                              HAD: tl.constexpr = True):
+                              ROUND: tl.constexpr, MMA: tl.constexpr, SILU: tl.constexpr = False):
     """MODE_FP8 in one pass with the plain Hadamard R4 (Rotation.plain) on tensor cores
     (`_hadamard32_mma`): one program per row, held as NU units of 8 elements (16-byte loads,
     8-byte stores, contiguous per warp); a block's amax is a reduction over its 4 lanes. Same
     bytes as `_act_quant_fp8_row_kernel` with HAD and PLAIN. SILU: x is silu_mul of the gate_up
-    row at x_ptr. HAD = False: no rotation (fp8_impl "units"), the same bytes as the row kernel's."""
+    row at x_ptr."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, NU)[:, None] * 8 + tl.arange(0, 8)[None, :]
     msk = offs < K
     fp8_mma_row(_load_x(x_ptr + row * stride_xm + offs, msk, K, SILU), r_ptr, q_ptr, e_ptr, sc_ptr, row, offs, msk,
-                stride_qm, NU, ROUND, MMA, HAD)
+                stride_qm, NU, ROUND, MMA)
 
 
 @triton.jit
 def fp8_mma_row(x, r_ptr, q_ptr, e_ptr, sc_ptr, row, offs, msk, stride_qm, NU: tl.constexpr, ROUND: tl.constexpr,
-                MMA: tl.constexpr, HAD: tl.constexpr = True):
-    """One row x [NU, 8] (16-bit, offs/msk its columns) -> x H/c per 32-block on tensor cores (HAD;
-    else x itself) -> the FP8 operand, row exponent and row scale (also the norm-fused R1 kernel's
-    tail, norm_quant.py)."""
-    if HAD:
-        y = _hadamard32_mma(x, NU, MMA)
-        c = tl.abs(tl.load(r_ptr).to(tl.float32))
-    else:
-        y = x.to(tl.float32)
-        c = 1.0
+                MMA: tl.constexpr):
+    """One row x [NU, 8] (16-bit, offs/msk its columns) -> x H/c per 32-block on tensor cores -> the
+    FP8 operand, row exponent and row scale (also the norm-fused R1 kernel's tail, norm_quant.py)."""
+    y = _hadamard32_mma(x, NU, MMA)
+    c = tl.abs(tl.load(r_ptr).to(tl.float32))
     e = _block_exponent(tl.max(tl.max(tl.reshape(tl.abs(y), [NU // 4, 4, 8]), axis=2), axis=1) * c)  # padding -127
     erow = tl.max(e, axis=0)
     yb = tl.reshape(y, [NU // 4, 4, 8])
@@ -665,10 +659,8 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
     fake-quantized x in x's dtype [M, K]; or (fp8 e4m3 [M, K], row exponents int32 [M])
     (+ float32 row scales 2^(E-6) [M, 1] with `with_scale`).
     MODE_FP8 `fp8_impl`: 'persist' (one pass, persistent, next rows prefetched), 'row' (one
-    pass, a program per row tile), 'units' (no rotation; one pass, a program per row held as
-    16-byte units, the tensor-core Hadamard kernel's layout without the Hadamard), 'two_phase'
-    (2D grid: chunk maxima, then re-read and write), 'walk' (round 1: a row walk, twice); None
-    picks `default_fp8_impl`.
+    pass, a program per row tile), 'two_phase' (2D grid: chunk maxima, then re-read and
+    write), 'walk' (round 1: a row walk, twice); None picks `default_fp8_impl`.
     `input_rotation`: None, a tensor, or a `Rotation` (sign-matrix fast path).
     rounding (MODE_FP8 row/persist/two_phase): "bits" (default since round 8: select-free, -7 %
     at K = 4096 unrotated, neutral with the FWHT, H100), "fast" (round 3) or "compare"; the same
@@ -707,20 +699,12 @@ def quantize_activation(x: torch.Tensor, input_rotation=None,
             fp8_impl = default_fp8_impl(M, K, r_bstride)
         if fp8_impl in ("row", "persist") and (K > ROW_KERNEL_MAX_K or r_bstride):
             raise ValueError("the one-pass FP8 kernels take K <= 16384 and a shared rotation")
-        if silu and fp8_impl not in ("row", "walk", "units"):
+        if silu and fp8_impl not in ("row", "walk"):
             raise ValueError(f"silu is fused into the 'row' and 'walk' FP8 kernels, not {fp8_impl!r}")
         sc = torch.empty(M, 1, dtype=torch.float32, device=x.device)
         args = (x, r if r is not None else x, rs)
         if hadamard not in ("mma", "fwht"):
             raise ValueError(f"hadamard must be 'mma' or 'fwht', got {hadamard!r}")
-        if fp8_impl == "units":
-            if r is not None or K > ROW_KERNEL_MAX_K:
-                raise ValueError("fp8_impl 'units' takes no rotation and K <= 16384")
-            _act_quant_fp8_mma_kernel[(M,)](x, x, q, s, sc, K, x.stride(0), q.stride(0),
-                                            NU=max(32, triton.next_power_of_2(K // 8)), ROUND=rounding,
-                                            MMA=not _interpreting(), HAD=False, num_warps=num_warps or 4,
-                                            **({"SILU": True} if silu else {}))
-            return (q, s, sc) if with_scale else (q, s)
         if (fp8_impl == "row" and hadamard == "mma" and isinstance(input_rotation, Rotation) and input_rotation.plain
                 and K <= ROW_KERNEL_MAX_K):
             nu = max(32, triton.next_power_of_2(K // 8))

@@ -31,6 +31,10 @@ def test_kernel_tables_in_readme_are_the_results_file():
     readme = (REPO / "README.md").read_text()
     assert report.kernels_table(REPO / "benchmarks/results/kernels-h100.json") in readme
     assert report.prefill_bounds_table(REPO / "benchmarks/results/kernels-h100.json") in readme
+    # issue 4's target tables, inside a list item (indented two spaces)
+    for table in (report.prefill_targets_table(REPO / "benchmarks/results/kernels-h100.json"),
+                  report.decode_targets_table(REPO / "benchmarks/results/stream-floor-probe-h100.json")):
+        assert "\n".join("  " + line for line in table.split("\n")) in readme
 
 
 def test_decode_profile_categories():

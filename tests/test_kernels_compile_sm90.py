@@ -80,8 +80,6 @@ ACT_CASES["act_quant_fp8_mma"] = (  # the plain R4 on tensor cores (round 14), b
      for rnd in ("fast", "bits") for silu in (False, True)])
 ACT_CASES["act_quant_fp8_mma_f16"] = (aq._act_quant_fp8_mma_kernel, dict(MMA_PTRS, x_ptr="*fp16"),
                                       [dict(NU=2048, ROUND="bits", MMA=True, num_warps=8)])
-ACT_CASES["act_quant_fp8_units"] = (aq._act_quant_fp8_mma_kernel, dict(MMA_PTRS, x_ptr="*bf16"),  # no rotation
-                                    [dict(NU=512, ROUND="bits", MMA=True, HAD=False, num_warps=w) for w in (2, 4, 8)])
 NORM = {"x_ptr": "*bf16", "r_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*bf16", "rot_ptr": "*fp32", "rs_ptr": "*bf16",
         "eps": "fp32"}
 ACT_CASES.update({  # R1 online: the row kernel's FWHT (plain or signed Hadamard), the pairs kernel's +-1 dot

@@ -122,7 +122,6 @@ def _run(name, seed):
                 q, s = aq.quantize_activation(x, r, aq.MODE_MXFP4, nb=2)
                 assert torch.equal(q, q0) and torch.equal(s, s0)
             impls = ("row", "persist", "two_phase") if rr is None or rr.dim() == 2 else ("two_phase",)
-            impls += ("units",) if rr is None else ()  # the unit layout without the Hadamard
             for impl, rounding in [(i, "fast") for i in impls] + [(impls[0], "bits"), (impls[-1], "compare")]:
                 # persist with 1 program: it walks every row tile, prefetching the next
                 kw = dict(programs_per_sm=1, block_m=2) if impl == "persist" else {}
