@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import L2_DEFEAT_BYTES, SHAPES, env_set, graph_time, outlier_x, vllm_cutlass, write_results  # noqa: E402
+from bench_kernels import (L2_DEFEAT_BYTES, SHAPES, env_set, graph_time, outlier_x, vllm_cutlass,  # noqa: E402
+                           write_results)
 
 from vllm_brq import mxfp4  # noqa: E402
 from vllm_brq.kernels import act_quant as aq  # noqa: E402
@@ -70,8 +71,8 @@ def probe_shape(name, N, K, M, gen, cutlass) -> dict:
     routes = {"torch": "cuBLAS FP8"} if cutlass is None else {"cutlass": "CUTLASS FP8", "torch": "cuBLAS FP8"}
     for choice, g in routes.items():
         with env_set("BRQ_FP8_GEMM", choice):
-            t[f"brq W4A4 as dispatched ({g})"] = us([lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e)
-                                                    for p, s, e in exs])
+            t[f"brq W4A4 as dispatched ({g})"] = us(
+                [lambda p=p, s=s, e=e: dispatch.brq_linear(x, p, s, r, None, True, **e) for p, s, e in exs])
         t[f"{g}: dispatched minus (act-quant + GEMM on brq's operand)"] = round(
             t[f"brq W4A4 as dispatched ({g})"] - t["act-quant alone"] - t[f"{g} on brq's operand"], 1)
         t[f"{g}: bf16 / dispatched"] = round(t["bf16 cuBLAS"] / t[f"brq W4A4 as dispatched ({g})"], 3)

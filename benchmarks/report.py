@@ -44,6 +44,18 @@ def kernels_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _prefill_cells(d: dict):
+    """(op, M, timings by backend, FP8 GEMM backend) of each prefill cell (M >= 1024) of a kernels
+    results file that has bf16, the FP8 GEMM brq runs (vLLM's CUTLASS where the run had it, else
+    cuBLAS via torch._scaled_mm) and brq W4A4."""
+    for op in SHAPES:
+        for m in (1024, 4096, 8192):
+            t = {r["backend"]: r for r in d["rows"] if r["op"] == op and r["M"] == m}
+            gemm = "vllm_cutlass_fp8" if "vllm_cutlass_fp8" in t else "scaled_mm_fp8_rowwise"
+            if {"cublas_bf16", gemm, "brq_w4a4"} <= set(t):
+                yield op, m, t, gemm
+
+
 def prefill_bounds_table(path: Path) -> str:
     """Why W4A4 prefill (act-quant pass + FP8 GEMM) tops out where it does: the speed-up over
     bf16 if the GEMM ran as fast as the FP8 GEMM brq runs, timed alone (vLLM's CUTLASS where the
@@ -54,20 +66,15 @@ def prefill_bounds_table(path: Path) -> str:
     aq = {(r["op"], r["K"]): r["ms"] for r in d["rows"] if r["op"].startswith("act_quant_fp8_rot_") and r["M"] == 8192}
     lines = ["| shape | M | FP8 GEMM alone | FP8 GEMM + act-quant pass (sum of both timed alone) | brq W4A4 measured |",
              "| --- | --- | --- | --- | --- |"]
-    for op in SHAPES:
-        for m in (1024, 4096, 8192):
-            t = {r["backend"]: r for r in d["rows"] if r["op"] == op and r["M"] == m}
-            gemm = "vllm_cutlass_fp8" if "vllm_cutlass_fp8" in t else "scaled_mm_fp8_rowwise"
-            if not {"cublas_bf16", gemm, "brq_w4a4"} <= set(t):
-                continue
-            k = t["brq_w4a4"]["K"]
-            # down_proj's input carries R4: the plain Hadamard brq-convert writes (signed in older files)
-            rot = "none"
-            if op == "down":
-                rot = "r32plain" if ("act_quant_fp8_rot_r32plain", k) in aq else "r32sign"
-            a = aq[(f"act_quant_fp8_rot_{rot}", k)] * m / 8192
-            bf, f8 = t["cublas_bf16"]["ms"], t[gemm]["ms"]
-            lines.append(f"| {op} | {m} | {bf / f8:.2f}x | {bf / (f8 + a):.2f}x | {t['brq_w4a4']['ratio_vs_bf16']:.2f}x |")
+    for op, m, t, gemm in _prefill_cells(d):
+        k = t["brq_w4a4"]["K"]
+        # down_proj's input carries R4: the plain Hadamard brq-convert writes (signed in older files)
+        rot = "none"
+        if op == "down":
+            rot = "r32plain" if ("act_quant_fp8_rot_r32plain", k) in aq else "r32sign"
+        a = aq[(f"act_quant_fp8_rot_{rot}", k)] * m / 8192
+        bf, f8 = t["cublas_bf16"]["ms"], t[gemm]["ms"]
+        lines.append(f"| {op} | {m} | {bf / f8:.2f}x | {bf / (f8 + a):.2f}x | {t['brq_w4a4']['ratio_vs_bf16']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -78,29 +85,25 @@ def prefill_targets_table(path: Path) -> str:
     at the run's copy bandwidth, and against what the pass costs as dispatched (brq W4A4 minus the
     GEMM alone). A floor above the budget rules out any separate act-quant pass."""
     d = json.loads(path.read_text())
-    lines = ["| shape | M | brq W4A4 | FP8 GEMM alone | act-quant budget for 1.5x (us) | its floor at copy bandwidth (us) "
-             "| act-quant as dispatched (us) | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for op in SHAPES:
-        for m in (1024, 4096, 8192):
-            t = {r["backend"]: r for r in d["rows"] if r["op"] == op and r["M"] == m}
-            gemm = "vllm_cutlass_fp8" if "vllm_cutlass_fp8" in t else "scaled_mm_fp8_rowwise"
-            if not {"cublas_bf16", gemm, "brq_w4a4"} <= set(t):
-                continue
-            k = t["brq_w4a4"]["K"]
-            bf, f8, got = t["cublas_bf16"]["ms"], t[gemm]["ms"], t["brq_w4a4"]["ratio_vs_bf16"]
-            act = (t["brq_w4a4"]["ms"] - f8) * 1e3
-            budget = (bf / 1.5 - f8) * 1e3
-            floor = m * k * 3 / (d["copy_GBps"] * 1e3)
-            if got >= 1.5:
-                verdict = "met"
-            elif budget <= 0:
-                verdict = "out of reach: the FP8 GEMM alone is below 1.5x"
-            elif floor > budget:
-                verdict = "out of reach for a separate act-quant pass (floor > budget)"
-            else:
-                verdict = f"needs the act-quant at {floor / budget:.0%} of copy bandwidth (as dispatched {floor / act:.0%})"
-            lines.append(f"| {op} | {m} | {got:.2f}x | {bf / f8:.2f}x | {budget:.1f} | {floor:.1f} | {act:.1f} "
-                         f"| {verdict} |")
+    lines = ["| shape | M | brq W4A4 | FP8 GEMM alone | act-quant budget for 1.5x (us) "
+             "| its floor at copy bandwidth (us) | act-quant as dispatched (us) | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for op, m, t, gemm in _prefill_cells(d):
+        k = t["brq_w4a4"]["K"]
+        bf, f8, got = t["cublas_bf16"]["ms"], t[gemm]["ms"], t["brq_w4a4"]["ratio_vs_bf16"]
+        act = (t["brq_w4a4"]["ms"] - f8) * 1e3
+        budget = (bf / 1.5 - f8) * 1e3
+        floor = m * k * 3 / (d["copy_GBps"] * 1e3)
+        if got >= 1.5:
+            verdict = "met"
+        elif budget <= 0:
+            verdict = "out of reach: the FP8 GEMM alone is below 1.5x"
+        elif floor > budget:
+            verdict = "out of reach for a separate act-quant pass (floor > budget)"
+        else:
+            verdict = f"needs the act-quant at {floor / budget:.0%} of copy bandwidth (as dispatched {floor / act:.0%})"
+        lines.append(f"| {op} | {m} | {got:.2f}x | {bf / f8:.2f}x | {budget:.1f} | {floor:.1f} | {act:.1f} "
+                     f"| {verdict} |")
     return "\n".join(lines)
 
 
@@ -111,7 +114,8 @@ def decode_targets_table(path: Path) -> str:
     leaves above that read for everything else (quantizing the activation, the math, launches)."""
     d = json.loads(path.read_text())
     lines = ["| shape | bf16 (us) | as dispatched (act-quant + GEMV) | GEMV alone | gemv_a4's loads alone | best read "
-             "| 3x target (us) | 3x minus best read (us) | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| 3x target (us) | 3x minus best read (us) | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for op in SHAPES:
         r = d["per_shape_us"][op]
         bf, read, loads = r["cublas bf16"], r["flat read, best"]["us"], r["rows read BN=4 NBK=32 warps=4"]
