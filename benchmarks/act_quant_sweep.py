@@ -1,4 +1,4 @@
-"""Launch shapes of the one-pass FP8 act-quant at K = 14336, with and without its fused R4 (GPU).
+"""Launch shapes of the one-pass FP8 act-quant: K = 14336 with and without its fused R4, or K = 4096 (GPU).
 
     python benchmarks/act_quant_sweep.py [--out DIR] [--k 14336 | --k 4096]
 
